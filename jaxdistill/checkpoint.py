@@ -1,0 +1,70 @@
+"""Orbax checkpoints of the whole train state plus JSON metadata (config, data position).
+
+A checkpoint directory holds `<step>/state` (every network, optimizer state, EMA, step) and
+`<step>/meta` (the config, the method name and the step the data iterator resumes from; data
+pipelines are deterministic functions of the step). Restoring walks the steps newest first and
+falls back to an older one when the newest is damaged (Orbax's `latest_step` does not check
+integrity: shared/research/jax_apis.md section c), never deleting anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+RESTORE_ERRORS = (ValueError, FileNotFoundError, KeyError, OSError)
+
+
+def manager(directory: str, *, keep: int = 3) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_names=("state", "meta"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
+    """(state, meta) of the newest readable checkpoint, or (None, None) when there is none.
+
+    `abstract_state` (from jax.eval_shape, with shardings) says the structure and placement.
+    """
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            out = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            return out.state, out.meta
+        except RESTORE_ERRORS as e:
+            logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); "
+                            "falling back to the previous one", step, mngr.directory,
+                            type(e).__name__, str(e)[:200])
+    return None, None
+
+
+def read_meta(directory: str) -> dict | None:
+    """The metadata of the newest checkpoint in `directory` without building any state."""
+    if not os.path.isdir(directory):
+        return None
+    mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"))
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except RESTORE_ERRORS:
+            continue
+    return None
+
+
+def abstract_like(state):
+    """ShapeDtypeStructs (with shardings) describing a concrete state."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state)
+
+
+def config_json(config) -> dict:
+    return json.loads(config.to_json_best_effort())

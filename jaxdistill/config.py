@@ -1,0 +1,39 @@
+"""The config schema every run shares; config files under configs/ start from `base_config()`.
+
+Every field exists here with its type, so a command-line override of a misspelled or wrongly
+typed field fails at start (ml_collections locks the config) naming the field. Durations are in
+steps; EMA half-life and lr warm-up are in images, as in EDM.
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from jaxdistill import diffusion
+
+
+def base_config() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.seed = 0
+    c.method = mlc.ConfigDict({"name": "edm", "p_mean": -1.2, "p_std": 1.2})
+    # Example shape (H, W, C) or (D,), classes (0 = unconditional) and EDM's sigma_data.
+    c.model = mlc.ConfigDict({"shape": (2,), "label_dim": 0, "sigma_data": diffusion.SIGMA_DATA})
+    c.network = mlc.ConfigDict({"name": "mlp"})  # plus the network's constructor fields
+    # name: mixture2d / image_mixture / digits / cifar10 / imagenet64
+    c.data = mlc.ConfigDict({"name": "mixture2d", "resolution": 8, "std": 0.08, "num_modes": 8,
+                             "radius": 1.0, "data_dir": "", "split": "train",
+                             "random_flip": False})
+    c.optim = mlc.ConfigDict({"lr": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+                              "lr_rampup_images": 10_000_000, "grad_clip": 0.0})
+    c.ema = mlc.ConfigDict({"halflife_images": 500_000.0, "rampup_ratio": 0.05})
+    c.train = mlc.ConfigDict({"batch_size": 512, "num_steps": 400_000, "log_every": 100,
+                              "ckpt_every": 5000, "sample_every": 5000, "keep_checkpoints": 3,
+                              "num_grid_samples": 64})
+    # sampler: heun / euler / ddim / multistep
+    c.sample = mlc.ConfigDict({"sampler": "heun", "num_steps": 18,
+                               "sigma_min": diffusion.SIGMA_MIN, "sigma_max": diffusion.SIGMA_MAX,
+                               "rho": diffusion.RHO, "s_churn": 0.0, "s_min": 0.0,
+                               "s_max": float("inf"), "s_noise": 1.0, "eta": 0.0,
+                               "guidance_scale": 1.0})
+    c.eval = mlc.ConfigDict({"num_samples": 2048, "batch_size": 512})
+    c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1})
+    return c

@@ -1,0 +1,115 @@
+"""Pieces every method shares: network construction, optimizer with warm-up, EDM's EMA,
+gradient sanitising, labels, and turning a denoiser into a sampler's `denoise(x, sigma)`.
+
+Facts from NVlabs/edm training/training_loop.py: lr ramp lr * min(nimg / rampup_nimg, 1); EMA
+half-life in images with ema_halflife_nimg = min(halflife, nimg * rampup_ratio) and
+beta = 0.5 ** (batch / halflife_nimg); gradients nan_to_num(nan=0, posinf=1e5, neginf=-1e5).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdistill import diffusion, networks, samplers
+from jaxdistill.networks.denoiser import EDMDenoiser
+
+
+def build_denoiser(config) -> EDMDenoiser:
+    """The EDM-preconditioned network named by `config.network` (name + constructor fields)."""
+    kwargs = {k: v for k, v in config.network.items() if k != "name"}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    try:
+        net = networks.create(config.network.name, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"config.network has a field the network {config.network.name!r} "
+                         f"does not take: {e}") from None
+    return EDMDenoiser(net, sigma_data=config.model.sigma_data)
+
+
+def init_variables(config, denoiser: EDMDenoiser, rng: jax.Array) -> tuple[dict, dict]:
+    """(params, consts): trainable params and the network's other collections (buffers)."""
+    variables = denoiser.init(rng, tuple(config.model.shape), config.model.label_dim)
+    variables = dict(variables)
+    params = variables.pop("params")
+    return params, variables
+
+
+def lr_schedule(optim_cfg, batch_size: int):
+    """Linear warm-up over `lr_rampup_images` images, then constant (EDM)."""
+    rampup_steps = optim_cfg.lr_rampup_images / batch_size
+    if rampup_steps <= 0:
+        return optim_cfg.lr
+    return lambda step: optim_cfg.lr * jnp.minimum(step / rampup_steps, 1.0)
+
+
+def make_optimizer(optim_cfg, batch_size: int) -> optax.GradientTransformation:
+    """Adam(b1, b2, eps) with EDM's warm-up; optional global-norm clipping (grad_clip > 0)."""
+    chain = []
+    if optim_cfg.get("grad_clip", 0.0) > 0:
+        chain.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
+    chain.append(optax.adam(lr_schedule(optim_cfg, batch_size), b1=optim_cfg.b1, b2=optim_cfg.b2,
+                            eps=optim_cfg.eps))
+    return optax.chain(*chain)
+
+
+def sanitize_grads(grads):
+    """Replace NaN by 0 and +-Inf by +-1e5 so one bad batch cannot poison the weights (EDM)."""
+    return jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
+
+
+def ema_beta(step: jax.Array, batch_size: int, halflife_images: float, rampup_ratio: float | None):
+    nimg = step.astype(jnp.float32) * batch_size
+    halflife = jnp.asarray(halflife_images, jnp.float32)
+    if rampup_ratio:
+        halflife = jnp.minimum(halflife, nimg * rampup_ratio)
+    return 0.5 ** (batch_size / jnp.maximum(halflife, 1e-8))
+
+
+def ema_update(ema, params, beta):
+    return jax.tree.map(lambda e, p: beta * e + (1.0 - beta) * p, ema, params)
+
+
+def one_hot(labels: jax.Array | None, label_dim: int):
+    """Integer labels -> one-hot float (N, label_dim); None when the model is unconditional."""
+    if not label_dim:
+        return None
+    return jax.nn.one_hot(labels, label_dim, dtype=jnp.float32)
+
+
+def random_labels(key: jax.Array, n: int, label_dim: int):
+    return jax.random.randint(key, (n,), 0, label_dim) if label_dim else None
+
+
+def sample_with(config, denoiser, variables, key: jax.Array, n: int, labels=None):
+    """Samples n examples with `config.sample` (sampler, grid, churn, guidance) from `denoiser`.
+
+    Returns (samples, integer labels or None).
+    """
+    sc = config.sample
+    label_dim = config.model.label_dim
+    k_labels, k_noise, k_sampler = jax.random.split(key, 3)
+    if labels is None:
+        labels = random_labels(k_labels, n, label_dim)
+    onehot = one_hot(labels, label_dim)
+
+    def denoise_labels(x, sigma, lab):
+        return denoiser(variables, x, sigma, lab)
+
+    if sc.get("guidance_scale", 1.0) != 1.0:
+        denoise_labels = samplers.classifier_free_guidance(denoise_labels, sc.guidance_scale)
+
+    def denoise(x, sigma):
+        return denoise_labels(x, sigma, onehot)
+
+    append_zero = sc.sampler != "multistep"
+    sigmas = diffusion.karras_sigmas(sc.num_steps, sc.sigma_min, sc.sigma_max, sc.rho,
+                                     append_zero=append_zero)
+    kwargs = {}
+    if sc.sampler == "heun":
+        kwargs = dict(s_churn=sc.get("s_churn", 0.0), s_min=sc.get("s_min", 0.0),
+                      s_max=sc.get("s_max", float("inf")), s_noise=sc.get("s_noise", 1.0))
+    elif sc.sampler == "ddim":
+        kwargs = dict(eta=sc.get("eta", 0.0))
+    noise = jax.random.normal(k_noise, (n,) + tuple(config.model.shape))
+    return samplers.sample(sc.sampler, denoise, noise, sigmas, k_sampler, **kwargs), labels
