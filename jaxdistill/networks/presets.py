@@ -41,7 +41,8 @@ def adm_imagenet64(label_dim: int = 1000) -> dict:
 
 def tiny_songunet(img_resolution: int = 16, in_channels: int = 1, label_dim: int = 0,
                   **overrides) -> dict:
-    """A ~70k-parameter DDPM++ (two levels, one block each, attention at the lowest level).
+    """A ~45k-parameter DDPM++ (8/16 channels, two levels, one block each, attention at the
+    lowest resolution).
 
     Cheap to jit on CPU; every SongUNet code path stays reachable through `overrides`
     (e.g. embedding_type='fourier', encoder_type='residual', decoder_type='skip').
@@ -49,7 +50,7 @@ def tiny_songunet(img_resolution: int = 16, in_channels: int = 1, label_dim: int
     """
     kwargs = dict(img_resolution=img_resolution, in_channels=in_channels,
                   out_channels=in_channels, label_dim=label_dim, augment_dim=0,
-                  model_channels=16, channel_mult=(1, 2), channel_mult_emb=2, num_blocks=1,
+                  model_channels=8, channel_mult=(1, 2), channel_mult_emb=2, num_blocks=1,
                   attn_resolutions=(img_resolution // 2,), dropout=0.0,
                   embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
                   decoder_type="standard", resample_filter=(1, 1))
@@ -59,14 +60,15 @@ def tiny_songunet(img_resolution: int = 16, in_channels: int = 1, label_dim: int
 
 def tiny_dhariwal(img_resolution: int = 16, in_channels: int = 1, label_dim: int = 0,
                   **overrides) -> dict:
-    """A small ADM (two levels, one block each, attention at the lowest level, 8 ch/head).
+    """A ~48k-parameter ADM (8/16 channels, two levels, one block each, attention at the lowest
+    level, 8 channels per head).
 
-    channels_per_head=8 so 16/32-channel blocks still get attention heads (EDM's 64 would give
+    channels_per_head=8 so the 16-channel blocks still get attention heads (EDM's 64 would give
     none).  Dropout defaults to 0.
     """
     kwargs = dict(img_resolution=img_resolution, in_channels=in_channels,
                   out_channels=in_channels, label_dim=label_dim, augment_dim=0,
-                  model_channels=16, channel_mult=(1, 2), channel_mult_emb=2, num_blocks=1,
+                  model_channels=8, channel_mult=(1, 2), channel_mult_emb=2, num_blocks=1,
                   attn_resolutions=(img_resolution // 2,), dropout=0.0, channels_per_head=8)
     kwargs.update(overrides)
     return kwargs
