@@ -93,14 +93,17 @@ def train(config, workdir: str):
     abstract = _abstract_state(method, config, mesh)
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
     state, meta = checkpoint.restore_latest(mngr, abstract)
+    start = 0 if state is None else int(meta["step"])
+    # The data pipeline is built before the (possibly expensive) init so that missing data fails fast.
+    per_process = config.train.batch_size // jax.process_count()
+    batches = data.batches(config.data, batch_size=per_process, seed=config.seed,
+                           start_step=start, process_index=jax.process_index(),
+                           process_count=jax.process_count())
     if state is None:
-        rep = parallel.replicated(mesh)
         state = jax.jit(lambda k: method.init(config, k, None),
                         out_shardings=jax.tree.map(lambda s: s.sharding, abstract))(k_init)
-        start = 0
         logging.info("initialised %s from scratch", config.method.name)
     else:
-        start = int(meta["step"])
         logging.info("resumed from step %d in %s", start, workdir)
     rep = parallel.replicated(mesh)
     state_shardings = jax.tree.map(lambda s: s.sharding, abstract)
@@ -108,10 +111,6 @@ def train(config, workdir: str):
                       in_shardings=(state_shardings, None, parallel.batch_sharding(mesh), rep),
                       out_shardings=(state_shardings, rep), donate_argnums=0)
 
-    per_process = config.train.batch_size // jax.process_count()
-    batches = data.batches(config.data, batch_size=per_process, seed=config.seed,
-                           start_step=start, process_index=jax.process_index(),
-                           process_count=jax.process_count())
     meta_of = lambda step: {"step": step, "method": config.method.name,
                             "config": checkpoint.config_json(config)}
     num_steps = config.train.num_steps

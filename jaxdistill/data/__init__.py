@@ -97,7 +97,7 @@ def batches(cfg, *, batch_size: int, seed: int, start_step: int = 0, process_ind
     from jaxdistill.data import tfds_images
 
     return tfds_images.tfds_batches(
-        cfg.name, split=cfg.get("split", "train"), data_dir=cfg.get("data_dir", None),
+        cfg.name, split=cfg.get("split", "train"), data_dir=cfg.get("data_dir") or None,
         batch_size=batch_size, seed=seed, start_step=start_step,
         random_flip=cfg.get("random_flip", False), process_index=process_index,
         process_count=process_count)
