@@ -264,8 +264,7 @@ def test_label_dropout_zeroes_labels_in_training_only(extended_runs, inputs):
                                           **rest, rng=fast_key(3))[0]
     np.testing.assert_allclose(train, unconditional, rtol=1e-5, atol=1e-6)
     # class_labels=None means the zero ("unconditional") label vector
-    none = net.apply(variables, inputs["x"], inputs["t"], None, noise_labels_s=inputs["s"],
-                     guidance=inputs["g"], cond=inputs["cond"])
+    none = forward(variables, inputs["x"], inputs["t"], None, **rest)[0]
     np.testing.assert_allclose(none, unconditional, rtol=1e-5, atol=1e-6)
 
 
@@ -339,12 +338,12 @@ def test_fused_down_conv_shape_and_box_filter():
 def test_group_norm():
     assert [group_count(c) for c in (8, 16, 128, 256)] == [2, 4, 32, 32]
     x = np.random.default_rng(0).normal(1.0, 3.0, size=(2, 4, 4, 16)).astype(np.float32)
-    y = jax.jit(GroupNorm(eps=1e-6).apply)(
-        {"params": {"scale": jnp.ones(16), "bias": jnp.zeros(16)}}, x)
+    scale, bias = np.linspace(0.5, 2.0, 16), np.linspace(-1.0, 1.0, 16)
+    y = jax.jit(GroupNorm(eps=1e-6).apply)({"params": {"scale": scale, "bias": bias}}, x)
     g = x.reshape(2, 16, 4, 4)                          # 4 groups of 4 channels
     ref = (g - g.mean(axis=(1, 3), keepdims=True)) / np.sqrt(g.var(axis=(1, 3), keepdims=True)
                                                              + 1e-6)
-    np.testing.assert_allclose(y, ref.reshape(2, 4, 4, 16), atol=1e-5)
+    np.testing.assert_allclose(y, ref.reshape(2, 4, 4, 16) * scale + bias, atol=1e-5)
 
 
 def test_positional_embedding_values():

@@ -74,7 +74,7 @@ def train_step(config):
         beta = common.ema_beta(state.step, config.train.batch_size, config.ema.halflife_images,
                                config.ema.rampup_ratio)
         ema = common.ema_update(state.ema_params, params, beta)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "ema_beta": beta}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "ema_beta": beta}
         return state.replace(step=state.step + 1, params=params, ema_params=ema,
                              opt_state=opt_state), metrics
 

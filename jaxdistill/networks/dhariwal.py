@@ -47,6 +47,8 @@ class DhariwalUNet(nn.Module):
     noise_labels_s=None, guidance=None, cond=None, augment_labels=None, return_features=False)`
     with x (N, R, R, in_channels).  Returns (N, R, R, out_channels), or `(out, features)` with
     the lowest-resolution activations after the decoder's `in0`/`in1` blocks.
+    As in EDM, class_labels are ignored when label_dim=0, and augment_labels=None means no
+    augmentation (what sampling uses).
     """
     img_resolution: int
     in_channels: int

@@ -89,7 +89,8 @@ class Linear(nn.Module):
     def __call__(self, x):
         fan_in = x.shape[-1]
         spec = self.init_spec
-        kernel = self.param("kernel", edm_initializer(spec.mode, fan_in, self.features, spec.weight),
+        kernel = self.param("kernel",
+                            edm_initializer(spec.mode, fan_in, self.features, spec.weight),
                             (fan_in, self.features))
         y = x @ kernel.astype(x.dtype)
         if self.use_bias:
@@ -336,7 +337,10 @@ class UNetBlock(nn.Module):
 
     @property
     def heads(self) -> int:
-        """EDM: 0 without attention, else num_heads or out_channels // channels_per_head (may be 0)."""
+        """EDM: 0 without attention, else num_heads or out_channels // channels_per_head.
+
+        Like EDM, a block narrower than channels_per_head silently gets no attention (0 heads).
+        """
         if not self.attention:
             return 0
         return self.num_heads if self.num_heads is not None else (

@@ -7,10 +7,10 @@ weight, an extra condition vector, and returned features for discriminator heads
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from jaxdistill.networks.layers import PositionalEmbedding
+from jaxdistill.networks.layers import (PositionalEmbedding, check_extensions, check_vectors,
+                                         prepare_labels)
 
 
 class MLPDenoiser(nn.Module):
@@ -33,33 +33,28 @@ class MLPDenoiser(nn.Module):
     @nn.compact
     def __call__(self, x, noise_labels, class_labels=None, *, train=False, noise_labels_s=None,
                  guidance=None, cond=None, augment_labels=None, return_features=False):
-        del augment_labels  # no augmentation pipeline for vector data
+        net = "MLPDenoiser"
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"MLPDenoiser expects x of shape (N, {self.dim}), got {x.shape}")
+            raise ValueError(f"{net}: expected x of shape (N, {self.dim}), got {x.shape}")
+        check_extensions(net, s_embedding=self.s_embedding, noise_labels_s=noise_labels_s,
+                         guidance_embed=self.guidance_embed, guidance=guidance,
+                         cond_channels=self.cond_channels, cond=cond, augment_dim=0,
+                         augment_labels=augment_labels)
+        n = x.shape[0]
         emb = self._noise_embedding(noise_labels, "map_noise")
         if self.s_embedding:
-            if noise_labels_s is None:
-                raise ValueError("this network has s_embedding=True: pass noise_labels_s")
             emb = emb + self._noise_embedding(noise_labels_s, "map_noise_s")
         if self.guidance_embed:
-            if guidance is None:
-                raise ValueError("this network has guidance_embed=True: pass guidance")
             emb = emb + self._noise_embedding(guidance, "map_guidance")
         if self.label_dim:
-            labels = (jnp.zeros((x.shape[0], self.label_dim), x.dtype) if class_labels is None
-                      else class_labels.astype(x.dtype))
-            if train and self.label_dropout:
-                keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - self.label_dropout,
-                                            (x.shape[0], 1))
-                labels = labels * keep
+            labels = prepare_labels(self, net, class_labels, n, self.label_dim,
+                                    self.label_dropout, train)
             emb = emb + nn.Dense(self.hidden, name="map_label")(labels)
         emb = nn.silu(nn.Dense(self.hidden, name="map_layer0")(nn.silu(emb)))
 
         h = x
         if self.cond_channels:
-            if cond is None or cond.shape != (x.shape[0], self.cond_channels):
-                raise ValueError(f"expected cond of shape ({x.shape[0]}, {self.cond_channels}), "
-                                 f"got {None if cond is None else cond.shape}")
+            check_vectors(net, "cond", cond, n, self.cond_channels)
             h = jnp.concatenate([h, cond.astype(x.dtype)], axis=1)
         h = nn.Dense(self.hidden, name="input")(h)
         for i in range(self.depth):

@@ -14,14 +14,15 @@ ModuleDict dot after `enc`/`dec` replaced by `_` and torch leaf names mapped to 
   model.map_noise.freqs (NCSN++)       -> buffers['map_noise']['freqs']
 Parameter-free modules (`*_aux_down`, `*_aux_up`, positional `map_noise`) own no leaves.
 jaxdistill extensions, absent from EDM checkpoints: `map_noise_s`, `map_layer0_s`, `map_layer1_s`
-and every block's `affine_s` (s_embedding); `map_guidance` (guidance_embed); cond channels widen
-`enc_{res}x{res}_conv` (and, with a 'skip'/'residual' encoder, the first aux conv) only.
+and every block's `affine_s` (s_embedding); `map_guidance` (guidance_embed).  cond channels are
+concatenated to x before everything, so they widen `enc_{R}x{R}_conv` and the aux input path
+(the first `aux_residual`, or every `aux_skip` conv).
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -47,6 +48,8 @@ class SongUNet(nn.Module):
     with x (N, R, R, in_channels).  Returns (N, R, R, out_channels), or `(out, features)` with
     the lowest-resolution activations after the decoder's `in0`/`in1` blocks.
     NCSN++ (embedding_type 'fourier') has a "buffers" collection that `apply` needs as well.
+    As in EDM, class_labels are ignored when label_dim=0, and augment_labels=None means no
+    augmentation (what sampling uses).
     """
     img_resolution: int
     in_channels: int
@@ -144,8 +147,8 @@ class SongUNet(nn.Module):
         emb = self._mapping_mlp(emb, "")
         emb_s = None
         if self.s_embedding:
-            emb_s = self._noise_embedding(per_sample(net, "noise_labels_s", noise_labels_s, n), "_s")
-            emb_s = self._mapping_mlp(emb_s, "_s")
+            s = per_sample(net, "noise_labels_s", noise_labels_s, n)
+            emb_s = self._mapping_mlp(self._noise_embedding(s, "_s"), "_s")
 
         block = functools.partial(
             UNetBlock, num_heads=1, dropout=self.dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
@@ -153,7 +156,8 @@ class SongUNet(nn.Module):
             init_spec=INIT, init_zero=INIT_ZERO, init_attn=INIT_ATTN,
             s_embedding=self.s_embedding)
         run = lambda blk, h: blk(h, emb, emb_s, train=train)  # noqa: E731
-        mc, mults, attn_res = self.model_channels, tuple(self.channel_mult), tuple(self.attn_resolutions)
+        mc, mults = self.model_channels, tuple(self.channel_mult)
+        attn_res = tuple(self.attn_resolutions)
         resample = tuple(self.resample_filter)
 
         # Encoder.  Every non-aux output is a skip; aux modules rewrite the latest skip.
