@@ -8,6 +8,7 @@ Every config field can be overridden: --config.optim.lr=3e-4 --config.train.num_
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import sys
 
@@ -48,11 +49,19 @@ def _write_samples(config, workdir: str, n: int, path: str) -> None:
 _STARTED = False
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Keeps Orbax's per-save INFO chatter out of the console; its warnings still show."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     global _STARTED
     _STARTED = True
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
     jax.config.update("jax_threefry_partitionable", True)
