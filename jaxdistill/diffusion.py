@@ -135,7 +135,7 @@ def cosine_logsnr(t: jax.Array, logsnr_min: float = -20.0, logsnr_max: float = 2
     """Cosine schedule as logSNR(t) = -2 log tan(a t + b), clipped to [logsnr_min, logsnr_max].
 
     a, b make logSNR(0) = logsnr_max and logSNR(1) = logsnr_min (Salimans & Ho 2022,
-    google-research diffusion_distillation/diffusion_distillation/utils.py get_logsnr_schedule).
+    google-research diffusion_distillation/diffusion_distillation/schedules.py, cosine schedule).
     Without clipping this is alpha_t = cos(pi t / 2).
     """
     b = jnp.arctan(jnp.exp(-0.5 * logsnr_max))

@@ -31,8 +31,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdistill.networks.layers import (
-    Conv2d, GroupNorm, Init, Linear, PositionalEmbedding, UNetBlock, check_extensions,
-    check_image, check_vectors, per_sample, positional_embedding, prepare_labels)
+    Conv2d, GroupNorm, Init, Linear, PositionalEmbedding, UNetBlock, check_vectors, per_sample,
+    positional_embedding, prepare_labels, unet_inputs)
 
 # EDM's ADM init recipes: kaiming_uniform * sqrt(1/3) for weights and biases (= torch's default
 # layer init); "zero" layers are exactly zero.
@@ -84,15 +84,8 @@ class DhariwalUNet(nn.Module):
                  return_features: bool = False):
         net = "DhariwalUNet"
         res0 = self.img_resolution
-        check_image(net, "x", x, res0, self.in_channels)
-        check_extensions(net, s_embedding=self.s_embedding, noise_labels_s=noise_labels_s,
-                         guidance_embed=self.guidance_embed, guidance=guidance,
-                         cond_channels=self.cond_channels, cond=cond,
-                         augment_dim=self.augment_dim, augment_labels=augment_labels)
+        x = unet_inputs(net, self, x, cond, noise_labels_s, guidance, augment_labels)
         n = x.shape[0]
-        if cond is not None:
-            check_image(net, "cond", cond, res0, self.cond_channels)
-            x = jnp.concatenate([x, jnp.asarray(cond, x.dtype)], axis=-1)
         mc, ec = self.model_channels, self.emb_channels
 
         # Mapping network.

@@ -453,3 +453,17 @@ def check_extensions(net: str, *, s_embedding: bool, noise_labels_s, guidance_em
         raise ValueError(f"{net}: cond given but cond_channels=0")
     if not augment_dim and augment_labels is not None:
         raise ValueError(f"{net}: augment_labels given but augment_dim=0")
+
+
+def unet_inputs(net: str, module: nn.Module, x, cond, noise_labels_s, guidance, augment_labels):
+    """Validates a U-Net's inputs against its switches and joins the condition to x on channels."""
+    check_image(net, "x", x, module.img_resolution, module.in_channels)
+    check_extensions(net, s_embedding=module.s_embedding, noise_labels_s=noise_labels_s,
+                     guidance_embed=module.guidance_embed, guidance=guidance,
+                     cond_channels=module.cond_channels, cond=cond,
+                     augment_dim=module.augment_dim, augment_labels=augment_labels)
+    if cond is not None:
+        check_image(net, "cond", cond, module.img_resolution, module.cond_channels)
+        x = jnp.concatenate([x, jnp.asarray(cond, x.dtype)], axis=-1)
+    return x
+

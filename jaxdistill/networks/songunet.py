@@ -29,8 +29,7 @@ import jax.numpy as jnp
 
 from jaxdistill.networks.layers import (
     Conv2d, FourierEmbedding, GroupNorm, Init, Linear, PositionalEmbedding, UNetBlock,
-    check_extensions, check_image, check_vectors, per_sample, positional_embedding,
-    prepare_labels)
+    check_vectors, per_sample, positional_embedding, prepare_labels, unet_inputs)
 
 
 # EDM's SongUNet init recipes: xavier everywhere; "zero" layers get a 1e-5 multiplier (not exactly
@@ -113,15 +112,8 @@ class SongUNet(nn.Module):
                  return_features: bool = False):
         net = "SongUNet"
         res0 = self.img_resolution
-        check_image(net, "x", x, res0, self.in_channels)
-        check_extensions(net, s_embedding=self.s_embedding, noise_labels_s=noise_labels_s,
-                         guidance_embed=self.guidance_embed, guidance=guidance,
-                         cond_channels=self.cond_channels, cond=cond,
-                         augment_dim=self.augment_dim, augment_labels=augment_labels)
+        x = unet_inputs(net, self, x, cond, noise_labels_s, guidance, augment_labels)
         n = x.shape[0]
-        if cond is not None:
-            check_image(net, "cond", cond, res0, self.cond_channels)
-            x = jnp.concatenate([x, jnp.asarray(cond, x.dtype)], axis=-1)
 
         # Mapping network: noise embedding + label / guidance / augment embeddings, then 2 layers.
         emb = self._noise_embedding(per_sample(net, "noise_labels", noise_labels, n), "")
