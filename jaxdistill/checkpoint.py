@@ -11,23 +11,39 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
 RESTORE_ERRORS = (ValueError, FileNotFoundError, KeyError, OSError)
 
 
-def manager(directory: str, *, keep: int = 3) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=True)
+def manager(directory: str, *, keep: int = 3, best_metric: str = "",
+            best_mode: str = "min") -> ocp.CheckpointManager:
+    """Async manager keeping the last `keep` steps plus the best one by `best_metric`, if set.
+
+    The best step is whichever saved step has the lowest (`best_mode='min'`) or highest value of
+    the eval metric passed to `save`; steps saved without metrics are kept only while recent.
+    """
+    policies = [ocp.checkpoint_managers.LatestN(keep)]
+    if best_metric:
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"config.eval.best_mode={best_mode!r} must be 'min' or 'max'")
+        policies.append(ocp.checkpoint_managers.BestN(
+            get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min", n=1,
+            keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=True,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                  item_names=("state", "meta"))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
+def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict,
+         metrics: dict | None = None) -> None:
+    """Starts an async save of `state` and `meta` at `step` (every process must call it)."""
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave(meta)), force=True)
+                                            meta=ocp.args.JsonSave(meta)),
+              metrics=metrics, force=True)
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
@@ -58,12 +74,6 @@ def read_meta(directory: str) -> dict | None:
         except RESTORE_ERRORS:
             continue
     return None
-
-
-def abstract_like(state):
-    """ShapeDtypeStructs (with shardings) describing a concrete state."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        state)
 
 
 def config_json(config) -> dict:

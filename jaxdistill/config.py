@@ -16,8 +16,11 @@ def base_config() -> mlc.ConfigDict:
     c.seed = 0
     c.method = mlc.ConfigDict({"name": "edm", "p_mean": -1.2, "p_std": 1.2})
     # Example shape (H, W, C) or (D,), classes (0 = unconditional) and EDM's sigma_data.
-    c.model = mlc.ConfigDict({"shape": (2,), "label_dim": 0, "sigma_data": diffusion.SIGMA_DATA})
+    # compute_dtype: float32 / bfloat16 (network compute only; params and optimizer stay fp32).
+    c.model = mlc.ConfigDict({"shape": (2,), "label_dim": 0, "sigma_data": diffusion.SIGMA_DATA,
+                              "compute_dtype": "float32"})
     c.network = mlc.ConfigDict({"name": "mlp"})  # plus the network's constructor fields
+    # (U-Nets also take remat=True: recompute block activations in the backward pass.)
     # name: mixture2d / image_mixture / digits / cifar10 / imagenet64
     c.data = mlc.ConfigDict({"name": "mixture2d", "resolution": 8, "std": 0.08, "num_modes": 8,
                              "radius": 1.0, "data_dir": "", "split": "train",
@@ -27,13 +30,17 @@ def base_config() -> mlc.ConfigDict:
     c.ema = mlc.ConfigDict({"halflife_images": 500_000.0, "rampup_ratio": 0.05})
     c.train = mlc.ConfigDict({"batch_size": 512, "num_steps": 400_000, "log_every": 100,
                               "ckpt_every": 5000, "sample_every": 5000, "keep_checkpoints": 3,
-                              "num_grid_samples": 64})
+                              "num_grid_samples": 64, "eval_every": 0})
     # sampler: heun / euler / ddim / multistep
     c.sample = mlc.ConfigDict({"sampler": "heun", "num_steps": 18,
                                "sigma_min": diffusion.SIGMA_MIN, "sigma_max": diffusion.SIGMA_MAX,
                                "rho": diffusion.RHO, "s_churn": 0.0, "s_min": 0.0,
                                "s_max": float("inf"), "s_noise": 1.0, "eta": 0.0,
                                "guidance_scale": 1.0})
-    c.eval = mlc.ConfigDict({"num_samples": 2048, "batch_size": 512})
-    c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1})
+    # best_metric: an eval metric (e.g. 'sliced_wasserstein') whose best checkpoint is kept.
+    c.eval = mlc.ConfigDict({"num_samples": 2048, "batch_size": 512, "best_metric": "",
+                             "best_mode": "min"})
+    # Device mesh (data, fsdp); -1 = all remaining devices. Arrays smaller than min_shard_size
+    # elements stay replicated.
+    c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1, "min_shard_size": 2**14})
     return c

@@ -1,19 +1,25 @@
-"""The training loop: mesh, state, data, the jitted method step, checkpoints, logs, samples.
+"""The training loop: mesh, sharded state, data, the jitted method step, checkpoints, logs.
 
 It knows nothing about which method runs: the method module gives `init`, `train_step` and
-`sample` (jaxdistill.methods). Checkpoints resume exactly (data is a function of the step, keys are
-`fold_in(seed key, step)` inside the step); a NaN/Inf loss stops the run before anything is saved
-from the bad state, so the last good checkpoint stays.
+`sample` (jaxdistill.methods). `build` compiles the method's step once with
+`jax.jit(in_shardings, out_shardings, donate_argnums=0)` over the mesh (today's pjit). Checkpoints
+resume exactly: data is a function of the step and keys are `fold_in(seed key, step)` inside the
+step. A NaN/Inf loss stops the run before anything is saved from the bad state, so the last good
+checkpoint stays; SIGTERM (TPU preemption) saves the current step and exits cleanly.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import signal
 import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
 from jaxdistill import checkpoint, data, eval as evaluation, methods, parallel, visualize
 
@@ -31,34 +37,69 @@ def validate(config) -> None:
     if config.model.label_dim not in (0, spec.num_classes):
         raise ValueError(f"config.model.label_dim={config.model.label_dim} must be 0 "
                          f"(unconditional) or the data's {spec.num_classes} classes")
+    if config.model.compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.model.compute_dtype={config.model.compute_dtype!r} must be "
+                         "'float32' or 'bfloat16'")
     methods.get(config.method.name)
 
 
-def _abstract_state(method, config, mesh):
-    abstract = jax.eval_shape(lambda k: method.init(config, k, None), jax.random.key(0))
-    rep = parallel.replicated(mesh)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), abstract)
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """Everything compiled for one (config, mesh): sharded init, train step and sampler."""
+    method: Any
+    mesh: Mesh
+    abstract_state: Any          # ShapeDtypeStructs carrying the state's shardings
+    init: Callable               # key -> state, created already sharded
+    step: Callable               # (state, teacher, batch, key) -> (state, metrics); donates state
+
+    @property
+    def state_shardings(self):
+        return jax.tree.map(lambda s: s.sharding, self.abstract_state)
 
 
-def load_state(config, workdir: str, mesh=None):
-    """(state, meta) of the newest readable checkpoint in workdir/checkpoints; clear error if none."""
+def build(config, mesh: Mesh | None = None) -> Program:
+    """Shardings of the method's state by the FSDP rule and the jitted init / step over `mesh`."""
     method = methods.get(config.method.name)
     mesh = mesh or parallel.make_mesh(config.mesh)
+    init = lambda k: method.init(config, k, None)  # noqa: E731
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    shardings = parallel.tree_shardings(abstract, mesh, config.mesh.min_shard_size)
+    rep = parallel.replicated(mesh)
+    step = jax.jit(method.train_step(config),
+                   in_shardings=(shardings, None, parallel.batch_sharding(mesh), rep),
+                   out_shardings=(shardings, rep), donate_argnums=0)
+    return Program(method=method, mesh=mesh,
+                   abstract_state=parallel.with_shardings(abstract, shardings),
+                   init=jax.jit(init, out_shardings=shardings), step=step)
+
+
+def load_state(config, workdir: str, mesh: Mesh | None = None):
+    """(state, meta) of the newest readable checkpoint in workdir/checkpoints; clear error if none.
+
+    The state is placed on `mesh` by the current config's rule, whatever mesh it was saved from.
+    """
+    program = build(config, mesh)
     ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"no checkpoint found in {ckpt_dir}: train first with "
+                                f"`python run.py --config=... --workdir={workdir}`")
     mngr = checkpoint.manager(ckpt_dir)
-    state, meta = checkpoint.restore_latest(mngr, _abstract_state(method, config, mesh))
+    state, meta = checkpoint.restore_latest(mngr, program.abstract_state)
     mngr.close()
     if state is None:
-        raise FileNotFoundError(f"no checkpoint found in {ckpt_dir}: train first with "
+        raise FileNotFoundError(f"no readable checkpoint in {ckpt_dir}: train first with "
                                 f"`python run.py --config=... --workdir={workdir}`")
     return state, meta
 
 
 def generate(config, state, key: jax.Array, n: int, batch_size: int | None = None):
-    """n samples (and labels) from a state, in jitted batches."""
+    """n samples (and labels) from a state, in jitted batches; every process gets all of them."""
     method = methods.get(config.method.name)
     batch_size = batch_size or min(n, config.eval.batch_size)
-    fn = jax.jit(lambda s, k: method.sample(config, s, k, batch_size))
+    mesh = jax.tree.leaves(state)[0].sharding.mesh
+    # Replicated outputs are readable on every host of a multi-host run.
+    fn = jax.jit(lambda s, k: method.sample(config, s, k, batch_size),
+                 out_shardings=parallel.replicated(mesh))
     xs, labels = [], []
     for i in range(0, n, batch_size):
         x, lab = fn(state, jax.random.fold_in(key, i))
@@ -70,10 +111,50 @@ def generate(config, state, key: jax.Array, n: int, batch_size: int | None = Non
 
 
 def evaluate(config, state, key: jax.Array, n: int | None = None) -> dict:
+    """Metrics of n fresh samples (exact metrics for analytic mixtures). Call on every process."""
     n = n or config.eval.num_samples
     k_gen, k_metric = jax.random.split(key)
     samples, _ = generate(config, state, k_gen, n)
     return evaluation.sample_metrics(config.data, samples, k_metric)
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can save and exit at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the next step and exiting")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            # All hosts must agree on the step at which they stop and save.
+            from jax.experimental import multihost_utils
+
+            return self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+
+def _check_finite(metrics: dict, step: int, workdir: str) -> None:
+    if not all(np.all(np.isfinite(v)) for v in jax.tree.leaves(metrics)):
+        raise NonFiniteLossError(
+            f"non-finite training metrics at step {step}: {metrics}. The run stopped without "
+            f"saving this state; the last good checkpoint in {workdir} is kept. Lower "
+            f"config.optim.lr or set config.optim.grad_clip.")
 
 
 def train(config, workdir: str):
@@ -81,82 +162,80 @@ def train(config, workdir: str):
     from clu import metric_writers  # imports TensorFlow: keep it out of the functional API
 
     validate(config)
-    method = methods.get(config.method.name)
-    mesh = parallel.make_mesh(config.mesh)
-    parallel.check_batch_size(config.train.batch_size, mesh)
+    program = build(config)
+    parallel.check_batch_size(config.train.batch_size, program.mesh)
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
 
-    seed_key = jax.random.key(config.seed)
-    k_init, k_train, k_sample = jax.random.split(seed_key, 3)
-    abstract = _abstract_state(method, config, mesh)
-    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-    state, meta = checkpoint.restore_latest(mngr, abstract)
+    k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
+    tc = config.train
+    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
+                              best_metric=config.eval.best_metric, best_mode=config.eval.best_mode)
+    state, meta = checkpoint.restore_latest(mngr, program.abstract_state)
     start = 0 if state is None else int(meta["step"])
     # The data pipeline is built before the (possibly expensive) init so that missing data fails fast.
-    per_process = config.train.batch_size // jax.process_count()
-    batches = data.batches(config.data, batch_size=per_process, seed=config.seed,
-                           start_step=start, process_index=jax.process_index(),
-                           process_count=jax.process_count())
+    batches = data.batches(config.data, batch_size=tc.batch_size // jax.process_count(),
+                           seed=config.seed, start_step=start,
+                           process_index=jax.process_index(), process_count=jax.process_count())
     if state is None:
-        state = jax.jit(lambda k: method.init(config, k, None),
-                        out_shardings=jax.tree.map(lambda s: s.sharding, abstract))(k_init)
+        state = program.init(k_init)
         logging.info("initialised %s from scratch", config.method.name)
     else:
         logging.info("resumed from step %d in %s", start, workdir)
-    rep = parallel.replicated(mesh)
-    state_shardings = jax.tree.map(lambda s: s.sharding, abstract)
-    step_fn = jax.jit(method.train_step(config),
-                      in_shardings=(state_shardings, None, parallel.batch_sharding(mesh), rep),
-                      out_shardings=(state_shardings, rep), donate_argnums=0)
+    if is_chief and start == 0:
+        writer.write_hparams({k: str(v) for k, v in checkpoint.config_json(config).items()})
 
-    meta_of = lambda step: {"step": step, "method": config.method.name,
-                            "config": checkpoint.config_json(config)}
-    num_steps = config.train.num_steps
-    t0, last_logged = time.time(), start
-    try:
-        for step in range(start, num_steps):
-            batch = parallel.shard_batch(next(batches), mesh)
-            state, metrics = step_fn(state, None, batch, k_train)
-            done = step + 1
-            if done % config.train.log_every == 0 or done == num_steps:
-                metrics = jax.device_get(metrics)
-                if not all(np.isfinite(v) for v in jax.tree.leaves(metrics)):
-                    raise NonFiniteLossError(
-                        f"non-finite training metrics at step {done}: {metrics}. The run stopped "
-                        f"without saving this state; the last good checkpoint in {workdir} is kept. "
-                        f"Lower config.optim.lr or set config.optim.grad_clip.")
-                elapsed = time.time() - t0
-                steps_per_sec = (done - last_logged) / max(elapsed, 1e-9)
-                scalars = {k: float(v) for k, v in metrics.items()}
-                scalars.update(steps_per_sec=steps_per_sec,
-                               examples_per_sec=steps_per_sec * config.train.batch_size)
-                writer.write_scalars(done, scalars)
-                logging.info("step %d/%d loss %.4f (%.1f steps/s, ETA %.0f s)", done, num_steps,
-                             scalars.get("loss", float("nan")), steps_per_sec,
-                             (num_steps - done) / max(steps_per_sec, 1e-9))
-                t0, last_logged = time.time(), done
-            if done % config.train.ckpt_every == 0 or done == num_steps:
-                loss = jax.device_get(metrics.get("loss", 0.0))
-                if not np.all(np.isfinite(loss)):
-                    raise NonFiniteLossError(f"non-finite loss at step {done}; not saved, the last "
-                                             f"good checkpoint in {workdir} is kept")
-                checkpoint.save(mngr, done, state, meta_of(done))
-            if done % config.train.sample_every == 0 or done == num_steps:
-                samples, _ = generate(config, state, k_sample, config.train.num_grid_samples)
-                if is_chief:
-                    picture = visualize.picture(samples)
-                    writer.write_images(done, {"samples": picture[None].astype(np.float32) / 255.0})
-                    visualize.save_png(os.path.join(workdir, f"samples_{done:07d}.png"), samples)
-        mngr.wait_until_finished()
-    finally:
-        mngr.close()
-        writer.flush()
-    if is_chief and num_steps > start:
-        metrics = evaluate(config, state, jax.random.fold_in(k_sample, num_steps))
-        metrics["step"] = num_steps
-        with open(os.path.join(workdir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        logging.info("final metrics: %s", metrics)
+    def save(step, metrics=None):
+        checkpoint.save(mngr, step, state, {"step": step, "method": config.method.name,
+                                            "config": checkpoint.config_json(config)}, metrics)
+
+    t0, last_logged, step, eval_metrics = time.time(), start, start, None
+    with _Preemption() as preemption:
+        try:
+            for step in range(start + 1, tc.num_steps + 1):
+                batch = parallel.shard_batch(next(batches), program.mesh)
+                state, metrics = program.step(state, None, batch, k_train)
+                last = step == tc.num_steps
+                if step % tc.log_every == 0 or last:
+                    metrics = jax.device_get(metrics)
+                    _check_finite(metrics, step, workdir)
+                    rate = (step - last_logged) / max(time.time() - t0, 1e-9)
+                    scalars = {k: float(v) for k, v in metrics.items()}
+                    scalars.update(steps_per_sec=rate, images_per_sec=rate * tc.batch_size)
+                    writer.write_scalars(step, scalars)
+                    logging.info("step %d/%d loss %.4f (%.2f steps/s, %.1f images/s, ETA %.0f s)",
+                                 step, tc.num_steps, scalars.get("loss", float("nan")), rate,
+                                 rate * tc.batch_size, (tc.num_steps - step) / max(rate, 1e-9))
+                    t0, last_logged = time.time(), step
+                eval_metrics = None
+                if tc.eval_every and (step % tc.eval_every == 0 or last):
+                    eval_metrics = evaluate(config, state, jax.random.fold_in(k_sample, step))
+                    writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                if step % tc.sample_every == 0 or last:
+                    samples, _ = generate(config, state, k_sample, tc.num_grid_samples)
+                    if is_chief:
+                        picture = visualize.picture(samples)
+                        writer.write_images(step, {"samples": picture[None] / np.float32(255)})
+                        visualize.save_png(os.path.join(workdir, f"samples_{step:07d}.png"),
+                                           samples)
+                preempted = preemption.reached(step)
+                if step % tc.ckpt_every == 0 or last or preempted or eval_metrics is not None:
+                    # Never save a state whose loss went non-finite since the last check.
+                    _check_finite(jax.device_get(metrics), step, workdir)
+                    save(step, eval_metrics)
+                if preempted:
+                    logging.warning("preempted: saved step %d in %s, exiting", step, workdir)
+                    break
+            mngr.wait_until_finished()
+        finally:
+            mngr.close()
+            writer.flush()
+    if step == tc.num_steps and tc.num_steps > start:
+        final = eval_metrics or evaluate(config, state, jax.random.fold_in(k_sample, step))
+        final = dict(final, step=step)
+        if is_chief:
+            with open(os.path.join(workdir, "metrics.json"), "w") as f:
+                json.dump(final, f, indent=2)
+        logging.info("final metrics: %s", final)
     return state

@@ -24,7 +24,8 @@ def build_denoiser(config) -> EDMDenoiser:
     except TypeError as e:
         raise ValueError(f"config.network has a field the network {config.network.name!r} "
                          f"does not take: {e}") from None
-    return EDMDenoiser(net, sigma_data=config.model.sigma_data)
+    return EDMDenoiser(net, sigma_data=config.model.sigma_data,
+                       compute_dtype=config.model.compute_dtype)
 
 
 def init_variables(config, denoiser: EDMDenoiser, rng: jax.Array) -> tuple[dict, dict]:

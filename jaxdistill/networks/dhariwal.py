@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdistill.networks.layers import (
-    Conv2d, GroupNorm, Init, Linear, PositionalEmbedding, UNetBlock, check_vectors, per_sample,
+    Conv2d, GroupNorm, Init, Linear, PositionalEmbedding, block_class, check_vectors, per_sample,
     positional_embedding, prepare_labels, unet_inputs)
 
 # EDM's ADM init recipes: kaiming_uniform * sqrt(1/3) for weights and biases (= torch's default
@@ -67,6 +67,7 @@ class DhariwalUNet(nn.Module):
     cond_channels: int = 0                # low-res condition concatenated to x (LowDiff)
     s_embedding: bool = False             # second noise level s (CTM)
     guidance_embed: bool = False          # guidance-weight embedding (guided distillation)
+    remat: bool = False                   # recompute block activations in backward (memory)
 
     def __post_init__(self):
         if self.img_resolution % (2 ** (len(self.channel_mult) - 1)):
@@ -119,9 +120,9 @@ class DhariwalUNet(nn.Module):
             emb_s = nn.silu(Linear(ec, init_spec=INIT, name="map_layer1_s")(emb_s))
 
         block = functools.partial(
-            UNetBlock, channels_per_head=self.channels_per_head, dropout=self.dropout,
+            block_class(self.remat), channels_per_head=self.channels_per_head, dropout=self.dropout,
             init_spec=INIT, init_zero=INIT_ZERO, s_embedding=self.s_embedding)
-        run = lambda blk, h: blk(h, emb, emb_s, train=train)  # noqa: E731
+        run = lambda blk, h: blk(h, emb, emb_s, train)  # noqa: E731
         mults, attn_res = tuple(self.channel_mult), tuple(self.attn_resolutions)
 
         # Encoder: every output is a skip.

@@ -347,7 +347,7 @@ class UNetBlock(nn.Module):
             self.out_channels // self.channels_per_head)
 
     @nn.compact
-    def __call__(self, x, emb, emb_s=None, *, train: bool = False):
+    def __call__(self, x, emb, emb_s=None, train: bool = False):
         cin, cout = x.shape[-1], self.out_channels
         resample = dict(up=self.up, down=self.down, resample_filter=tuple(self.resample_filter))
 
@@ -466,4 +466,12 @@ def unet_inputs(net: str, module: nn.Module, x, cond, noise_labels_s, guidance, 
         check_image(net, "cond", cond, module.img_resolution, module.cond_channels)
         x = jnp.concatenate([x, jnp.asarray(cond, x.dtype)], axis=-1)
     return x
+
+
+def block_class(remat: bool):
+    """UNetBlock, or its rematerialised form that recomputes activations in the backward pass.
+
+    `train` (argument 4, counting self) is static under remat because it switches dropout.
+    """
+    return nn.remat(UNetBlock, static_argnums=(4,)) if remat else UNetBlock
 

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdistill.networks.layers import (
-    Conv2d, FourierEmbedding, GroupNorm, Init, Linear, PositionalEmbedding, UNetBlock,
+    Conv2d, FourierEmbedding, GroupNorm, Init, Linear, PositionalEmbedding, block_class,
     check_vectors, per_sample, positional_embedding, prepare_labels, unet_inputs)
 
 
@@ -71,6 +71,7 @@ class SongUNet(nn.Module):
     cond_channels: int = 0                # low-res condition concatenated to x (LowDiff)
     s_embedding: bool = False             # second noise level s (CTM)
     guidance_embed: bool = False          # guidance-weight embedding (guided distillation)
+    remat: bool = False                   # recompute block activations in backward (memory)
 
     def __post_init__(self):
         choices = {"embedding_type": ("positional", "fourier"),
@@ -143,11 +144,11 @@ class SongUNet(nn.Module):
             emb_s = self._mapping_mlp(self._noise_embedding(s, "_s"), "_s")
 
         block = functools.partial(
-            UNetBlock, num_heads=1, dropout=self.dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
-            resample_filter=tuple(self.resample_filter), resample_proj=True, adaptive_scale=False,
-            init_spec=INIT, init_zero=INIT_ZERO, init_attn=INIT_ATTN,
-            s_embedding=self.s_embedding)
-        run = lambda blk, h: blk(h, emb, emb_s, train=train)  # noqa: E731
+            block_class(self.remat), num_heads=1, dropout=self.dropout,
+            skip_scale=math.sqrt(0.5), eps=1e-6, resample_filter=tuple(self.resample_filter),
+            resample_proj=True, adaptive_scale=False, init_spec=INIT, init_zero=INIT_ZERO,
+            init_attn=INIT_ATTN, s_embedding=self.s_embedding)
+        run = lambda blk, h: blk(h, emb, emb_s, train)  # noqa: E731
         mc, mults = self.model_channels, tuple(self.channel_mult)
         attn_res = tuple(self.attn_resolutions)
         resample = tuple(self.resample_filter)
