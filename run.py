@@ -22,6 +22,13 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "Samples to write in --mode=sample.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output .npz for --mode=sample "
                               "(default WORKDIR/samples.npz).")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Cloud TPU pod slice: call "
+                                "jax.distributed.initialize() with auto-detected coordinator.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 "
+                                   "(multi-process GPU / CPU; or JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes "
+                                      "(or JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (or JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -64,8 +71,11 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
+    from jaxdistill import parallel, train
+
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    auto=_MULTIHOST.value)
     jax.config.update("jax_threefry_partitionable", True)
-    from jaxdistill import train
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     if _MODE.value == "train":

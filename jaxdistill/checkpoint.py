@@ -2,14 +2,17 @@
 
 A checkpoint directory holds `<step>/state` (every network, optimizer state, EMA, step) and
 `<step>/meta` (the config, the method name and the step the data iterator resumes from; data
-pipelines are deterministic functions of the step). Restoring walks the steps newest first and
+pipelines are deterministic functions of the step, and PRNG keys are `fold_in(seed, step)`, so the
+step and the config's seed are the whole random state). Restoring walks the steps newest first and
 falls back to an older one when the newest is damaged (Orbax's `latest_step` does not check
-integrity: shared/research/jax_apis.md section c), never deleting anything.
+integrity: shared/research/jax_apis.md section c). A damaged step is renamed to
+`<step>.unreadable-<time>`, never deleted, so the resumed run can save that step again.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import orbax.checkpoint as ocp
 from absl import logging
@@ -60,7 +63,22 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
             logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); "
                             "falling back to the previous one", step, mngr.directory,
                             type(e).__name__, str(e)[:200])
+            _set_aside(mngr, step)
     return None, None
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int) -> None:
+    """Renames an unreadable step out of the manager's way, keeping its files for inspection."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        path = os.path.join(str(mngr.directory), str(step))
+        aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(path, aside)
+        logging.warning("moved the unreadable checkpoint to %s", aside)
+    multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    mngr.reload()
 
 
 def read_meta(directory: str) -> dict | None:

@@ -1,8 +1,9 @@
-"""Test session setup: CPU only, quiet logs, a persistent compilation cache when CI sets one."""
+"""Test session setup: 8 fake CPU devices (sharding tests), quiet logs, optional compile cache."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
 

@@ -55,13 +55,15 @@ def spec(cfg) -> DataSpec:
     return DataSpec(tuple(shape), num_classes)
 
 
-def _mixture_batches(mix, *, batch_size, seed, start_step, process_index):
-    sampler = jax.jit(lambda key: mixtures.sample(mix, key, batch_size))
+def _mixture_batches(mix, *, batch_size, seed, start_step, process_index, process_count):
+    """Each process draws the whole global batch of the step and keeps its slice, so the data of
+    a step does not depend on how many processes share it."""
+    sampler = jax.jit(lambda key: mixtures.sample(mix, key, batch_size * process_count))
+    rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
     step = start_step
     while True:
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), process_index)
-        x, comp = sampler(key)
-        yield {"x": np.asarray(x), "label": np.asarray(comp, np.int32)}
+        x, comp = sampler(jax.random.fold_in(jax.random.key(seed), step))
+        yield {"x": np.asarray(x)[rows], "label": np.asarray(comp, np.int32)[rows]}
         step += 1
 
 
@@ -88,7 +90,7 @@ def batches(cfg, *, batch_size: int, seed: int, start_step: int = 0, process_ind
     mix = mixture_of(cfg)
     if mix is not None:
         return _mixture_batches(mix, batch_size=batch_size, seed=seed, start_step=start_step,
-                                process_index=process_index)
+                                process_index=process_index, process_count=process_count)
     if cfg.name == "digits":
         images, labels = digits.load_digits(cfg.get("resolution", 8))
         return _array_batches(images, labels, batch_size=batch_size, seed=seed,

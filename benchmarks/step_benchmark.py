@@ -1,0 +1,212 @@
+"""Compile time, step time, throughput, memory, FLOPs and MFU of a config's train step.
+
+Builds the config's `train.Program` on the current devices, feeds it synthetic batches of
+`config.model.shape` / `config.model.label_dim` (no data set needed) and writes one JSON object:
+
+  python benchmarks/step_benchmark.py --config=configs/edm_cifar10.py \
+      --config.train.batch_size=16 --steps=5 --output=bench.json
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/step_benchmark.py \
+      --config=configs/edm_cifar10.py --config.mesh.data=8 --config.train.batch_size=8
+  ... --config.model.compute_dtype=bfloat16    ... --config.network.remat=True
+
+Every config field can be overridden with --config.a.b=value. Definitions:
+  - compile_s: wall time of `program.step.lower(state, None, batch, key).compile()`;
+  - step_s_*: median / min over --steps timed calls of that compiled step (after one warm-up),
+    each ended by `jax.block_until_ready`; images_per_s = batch_size / step_s_median;
+  - *_bytes_per_device: XLA's `compiled.memory_analysis()` (per device). On CPU its
+    peak_memory_in_bytes leaves out the temp buffers (measured: a jit with 4 MB of arguments and
+    8 MB of temps reports a 4 MB peak), so live_bytes_upper_bound_per_device = argument + output
+    - alias + temp is given as well; host_peak_rss_bytes is the process's maximum resident set;
+  - flops_per_step_per_device: XLA's `compiled.cost_analysis()['flops']`, which is per device
+    (shared/research/jax_apis.md h); *_global multiplies by the device count. These are the FLOPs
+    XLA executes, so remat's recomputation is counted;
+  - peak_flops_per_s_per_device: a jitted float32 n x n matmul (2 n^3 FLOPs) on device 0,
+    median of several runs; mfu = achieved_flops_per_s_per_device / peak_flops_per_s_per_device.
+    On a shared CPU host other processes slow both: host_load_avg_1min is recorded at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed train steps (after one warm-up step).")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON file to write (the JSON is printed anyway).")
+_MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "n of the n x n float32 matmul that "
+                                    "measures the device's peak FLOP/s.")
+_MATMUL_REPEATS = flags.DEFINE_integer("matmul_repeats", 5, "Timed runs of that matmul.")
+flags.mark_flags_as_required(["config"])
+
+
+def synthetic_batch(config, seed: int) -> dict:
+    """Host batch {'x': float32 (B, *model.shape) in [-1, 1], 'label': int32 (B,)}."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = config.train.batch_size
+    x = np.clip(0.5 * rng.standard_normal((n, *config.model.shape)), -1.0, 1.0)
+    labels = rng.integers(0, max(config.model.label_dim, 1), size=(n,))
+    return {"x": x.astype(np.float32), "label": labels.astype(np.int32)}
+
+
+def param_count(state) -> int:
+    import jax
+
+    return sum(int(p.size) for p in jax.tree.leaves(state.params))
+
+
+def compile_step(program, state, batch, key):
+    """(compiled step, lower s, compile s); the compiled step runs exactly what training runs."""
+    t0 = time.perf_counter()
+    lowered = program.step.lower(state, None, batch, key)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, t1 - t0, time.perf_counter() - t1
+
+
+def time_steps(compiled, state, batch, key, steps: int):
+    """Runs one warm-up and `steps` timed steps; (seconds per step, final state, last metrics)."""
+    import jax
+
+    state, metrics = jax.block_until_ready(compiled(state, None, batch, key))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = jax.block_until_ready(compiled(state, None, batch, key))
+        times.append(time.perf_counter() - t0)
+    return times, state, jax.device_get(metrics)
+
+
+def memory_fields(compiled) -> dict:
+    """Per-device sizes from XLA's memory analysis, and the runtime's peak where it reports one."""
+    import jax
+
+    ma = compiled.memory_analysis()
+    stats = jax.devices()[0].memory_stats() or {}  # None on CPU
+    live = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+            + ma.temp_size_in_bytes)
+    return {
+        "peak_memory_bytes_per_device": int(ma.peak_memory_in_bytes),
+        "live_bytes_upper_bound_per_device": int(live),
+        "argument_bytes_per_device": int(ma.argument_size_in_bytes),
+        "output_bytes_per_device": int(ma.output_size_in_bytes),
+        "alias_bytes_per_device": int(ma.alias_size_in_bytes),
+        "temp_bytes_per_device": int(ma.temp_size_in_bytes),
+        "generated_code_bytes": int(ma.generated_code_size_in_bytes),
+        "device0_runtime_peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+    }
+
+
+def peak_matmul_flops(n: int, repeats: int) -> float:
+    """FLOP/s of a jitted float32 (n, n) @ (n, n) on device 0 (median of `repeats` runs)."""
+    import jax
+    import jax.numpy as jnp
+
+    device = jax.devices()[0]
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), jnp.float32), device)
+    b = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), jnp.float32), device)
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, b))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / statistics.median(times)
+
+
+def benchmark(config, config_path: str, steps: int, matmul_size: int = 2048,
+              matmul_repeats: int = 5) -> dict:
+    """Measures the compiled train step of `config` on all current devices; returns the record."""
+    import jax
+
+    from jaxdistill import parallel, train
+
+    train.validate(config)
+    program = train.build(config)
+    parallel.check_batch_size(config.train.batch_size, program.mesh)
+    n_dev = program.mesh.size
+    key = jax.random.key(config.seed)
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(program.init(key))
+    init_s = time.perf_counter() - t0
+    n_params = param_count(state)
+    batch = parallel.shard_batch(synthetic_batch(config, config.seed), program.mesh)
+    compiled, lower_s, compile_only_s = compile_step(program, state, batch, key)
+    flops = float(compiled.cost_analysis()["flops"])
+    times, state, metrics = time_steps(compiled, state, batch, key, steps)
+    step_s = statistics.median(times)
+    peak = peak_matmul_flops(matmul_size, matmul_repeats)
+    batch_size = config.train.batch_size
+    record = {
+        "config": config_path,
+        "method": config.method.name,
+        "network": config.network.name,
+        "data": "synthetic",
+        "batch_size": batch_size,
+        "image_shape": list(config.model.shape),
+        "label_dim": config.model.label_dim,
+        "compute_dtype": config.model.compute_dtype,
+        "remat": bool(config.network.get("remat", False)),
+        "mesh_shape": {k: int(v) for k, v in program.mesh.shape.items()},
+        "platform": jax.devices()[0].platform,
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": n_dev,
+        "jax_version": jax.__version__,
+        "param_count": n_params,
+        "init_s": init_s,
+        "lower_s": lower_s,
+        "compile_s": lower_s + compile_only_s,
+        "timed_steps": steps,
+        "step_s_all": times,
+        "step_s_median": step_s,
+        "step_s_min": min(times),
+        "images_per_s": batch_size / step_s,
+        "images_per_s_per_device": batch_size / step_s / n_dev,
+        **memory_fields(compiled),
+        "flops_per_step_per_device": flops,
+        "flops_per_step_global": flops * n_dev,
+        "achieved_flops_per_s_per_device": flops / step_s,
+        "achieved_flops_per_s_global": flops * n_dev / step_s,
+        "peak_flops_per_s_per_device": peak,
+        "peak_flops_matmul": f"float32 {matmul_size}x{matmul_size} @ {matmul_size}x{matmul_size} "
+                             f"on device 0, median of {matmul_repeats}",
+        "mfu": flops / step_s / peak,
+        "final_loss": float(metrics["loss"]),
+        "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "host_load_avg_1min": os.getloadavg()[0],
+    }
+    if record["platform"] == "cpu" and n_dev > 1:
+        record["note"] = ("host-platform CPU devices share the same cores: the per-device peak "
+                          "is the whole host's, so per-device MFU understates; compare "
+                          "achieved_flops_per_s_global with peak_flops_per_s_per_device.")
+    return record
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    jax.config.update("jax_threefry_partitionable", True)  # as run.py trains
+    config_flag = flags.FLAGS["config"]
+    record = benchmark(_CONFIG.value, config_flags.get_config_filename(config_flag),
+                       _STEPS.value, _MATMUL_SIZE.value, _MATMUL_REPEATS.value)
+    record["config_overrides"] = config_flags.get_override_values(config_flag)
+    text = json.dumps(record, indent=2)
+    print(text)
+    if _OUTPUT.value:
+        os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+        with open(_OUTPUT.value, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
