@@ -10,7 +10,8 @@ Builds the config's `train.Program` on the current devices, feeds it synthetic b
   ... --config.model.compute_dtype=bfloat16    ... --config.network.remat=True
 
 Every config field can be overridden with --config.a.b=value. Definitions:
-  - compile_s: wall time of `program.step.lower(state, None, batch, key).compile()`;
+  - compile_s: wall time of `program.step.lower(state, teacher, batch, key).compile()` (teacher
+    is None when the config trains a teacher, e.g. EDM);
   - step_s_*: median / min over --steps timed calls of that compiled step (after one warm-up),
     each ended by `jax.block_until_ready`; images_per_s = batch_size / step_s_median;
   - *_bytes_per_device: XLA's `compiled.memory_analysis()` (per device). On CPU its
@@ -22,7 +23,8 @@ Every config field can be overridden with --config.a.b=value. Definitions:
     XLA executes, so remat's recomputation is counted;
   - peak_flops_per_s_per_device: a jitted float32 n x n matmul (2 n^3 FLOPs) on device 0,
     median of several runs; mfu = achieved_flops_per_s_per_device / peak_flops_per_s_per_device.
-    On a shared CPU host other processes slow both: host_load_avg_1min is recorded at the end.
+    On a shared CPU host other processes slow both: the 1-minute load average is recorded at the
+    start and the end (on 2 cores, a load above ~2 means the numbers are contended).
 """
 from __future__ import annotations
 
@@ -62,24 +64,24 @@ def param_count(state) -> int:
     return sum(int(p.size) for p in jax.tree.leaves(state.params))
 
 
-def compile_step(program, state, batch, key):
+def compile_step(program, state, teacher, batch, key):
     """(compiled step, lower s, compile s); the compiled step runs exactly what training runs."""
     t0 = time.perf_counter()
-    lowered = program.step.lower(state, None, batch, key)
+    lowered = program.step.lower(state, teacher, batch, key)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     return compiled, t1 - t0, time.perf_counter() - t1
 
 
-def time_steps(compiled, state, batch, key, steps: int):
+def time_steps(compiled, state, teacher, batch, key, steps: int):
     """Runs one warm-up and `steps` timed steps; (seconds per step, final state, last metrics)."""
     import jax
 
-    state, metrics = jax.block_until_ready(compiled(state, None, batch, key))
+    state, metrics = jax.block_until_ready(compiled(state, teacher, batch, key))
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        state, metrics = jax.block_until_ready(compiled(state, None, batch, key))
+        state, metrics = jax.block_until_ready(compiled(state, teacher, batch, key))
         times.append(time.perf_counter() - t0)
     return times, state, jax.device_get(metrics)
 
@@ -127,27 +129,31 @@ def benchmark(config, config_path: str, steps: int, matmul_size: int = 2048,
     """Measures the compiled train step of `config` on all current devices; returns the record."""
     import jax
 
-    from jaxdistill import parallel, train
+    from jaxdistill import parallel, teacher as teacher_lib, train
 
+    load_start = os.getloadavg()[0]
     train.validate(config)
-    program = train.build(config)
+    teacher = teacher_lib.load(config)  # None for teacher training (EDM)
+    program = train.build(config, teacher=teacher)
+    teacher = train.place_teacher(program, teacher)
     parallel.check_batch_size(config.train.batch_size, program.mesh)
     n_dev = program.mesh.size
     key = jax.random.key(config.seed)
     t0 = time.perf_counter()
-    state = jax.block_until_ready(program.init(key))
+    state = jax.block_until_ready(program.init(key, teacher))
     init_s = time.perf_counter() - t0
     n_params = param_count(state)
     batch = parallel.shard_batch(synthetic_batch(config, config.seed), program.mesh)
-    compiled, lower_s, compile_only_s = compile_step(program, state, batch, key)
+    compiled, lower_s, compile_only_s = compile_step(program, state, teacher, batch, key)
     flops = float(compiled.cost_analysis()["flops"])
-    times, state, metrics = time_steps(compiled, state, batch, key, steps)
+    times, state, metrics = time_steps(compiled, state, teacher, batch, key, steps)
     step_s = statistics.median(times)
     peak = peak_matmul_flops(matmul_size, matmul_repeats)
     batch_size = config.train.batch_size
     record = {
         "config": config_path,
         "method": config.method.name,
+        "teacher": config.teacher.kind,
         "network": config.network.name,
         "data": "synthetic",
         "batch_size": batch_size,
@@ -181,7 +187,8 @@ def benchmark(config, config_path: str, steps: int, matmul_size: int = 2048,
         "mfu": flops / step_s / peak,
         "final_loss": float(metrics["loss"]),
         "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "host_load_avg_1min": os.getloadavg()[0],
+        "host_load_avg_1min_start": load_start,
+        "host_load_avg_1min_end": os.getloadavg()[0],
     }
     if record["platform"] == "cpu" and n_dev > 1:
         record["note"] = ("host-platform CPU devices share the same cores: the per-device peak "

@@ -21,6 +21,10 @@ def base_config() -> mlc.ConfigDict:
                               "compute_dtype": "float32"})
     c.network = mlc.ConfigDict({"name": "mlp"})  # plus the network's constructor fields
     # (U-Nets also take remat=True: recompute block activations in the backward pass.)
+    # The frozen teacher (jaxdistill/teacher.py): kind none / analytic / checkpoint; `checkpoint`
+    # is a run directory, `network` the teacher's network fields (the student's are in c.network).
+    c.teacher = mlc.ConfigDict({"kind": "none", "checkpoint": "",
+                                "network": mlc.ConfigDict({"name": "mlp"})})
     # name: mixture2d / image_mixture / digits / cifar10 / imagenet64
     c.data = mlc.ConfigDict({"name": "mixture2d", "resolution": 8, "std": 0.08, "num_modes": 8,
                              "radius": 1.0, "data_dir": "", "split": "train",
@@ -31,8 +35,9 @@ def base_config() -> mlc.ConfigDict:
     c.train = mlc.ConfigDict({"batch_size": 512, "num_steps": 400_000, "log_every": 100,
                               "ckpt_every": 5000, "sample_every": 5000, "keep_checkpoints": 3,
                               "num_grid_samples": 64, "eval_every": 0})
-    # sampler: heun / euler / ddim / multistep
-    c.sample = mlc.ConfigDict({"sampler": "heun", "num_steps": 18,
+    # sampler: heun / euler / ddim / multistep, or gamma (CTM's gamma-sampling); ema_index picks
+    # an evaluation EMA for methods that keep several.
+    c.sample = mlc.ConfigDict({"sampler": "heun", "num_steps": 18, "gamma": 0.0, "ema_index": 0,
                                "sigma_min": diffusion.SIGMA_MIN, "sigma_max": diffusion.SIGMA_MAX,
                                "rho": diffusion.RHO, "s_churn": 0.0, "s_min": 0.0,
                                "s_max": float("inf"), "s_noise": 1.0, "eta": 0.0,

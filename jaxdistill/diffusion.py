@@ -56,6 +56,19 @@ def sample_lognormal_sigma(key: jax.Array, shape, p_mean: float = -1.2, p_std: f
     return jnp.exp(p_mean + p_std * jax.random.normal(key, shape))
 
 
+def sample_karras_position_sigma(key: jax.Array, shape, max_position: float = 0.7,
+                                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+                                 rho: float = RHO) -> jax.Array:
+    """sigma on the continuous Karras curve at position r ~ U[0, max_position] (0 = sigma_max).
+
+    CTM's DSM sampler draws half its sigmas this way (diffusion_mult = 0.7 gives sigma in
+    [~0.32, 80]) to train the student's denoiser at large noise (sony/ctm cm/resample.py).
+    """
+    r = jax.random.uniform(key, shape, maxval=max_position)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (hi + r * (lo - hi)) ** rho
+
+
 def consistency_boundary(sigma: jax.Array, sigma_min: float = SIGMA_MIN,
                          sigma_data: float = SIGMA_DATA):
     """Consistency-model (c_skip, c_out): c_skip(sigma_min) = 1, c_out(sigma_min) = 0.

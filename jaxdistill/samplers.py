@@ -30,6 +30,22 @@ def _steps(sigmas: jax.Array):
     return sigmas[:-1], sigmas[1:]
 
 
+def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
+    return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def heun_step(denoise: Denoise, x: jax.Array, t: jax.Array, t_next: jax.Array) -> jax.Array:
+    """One EDM Heun step from per-example noise levels t (N,) to t_next (N,), all t_next > 0.
+
+    The single implementation of the 2nd-order step: the sampler below and the teacher solves of
+    the distillation methods (e.g. CTM's t -> u target) both use it.
+    """
+    d = (x - denoise(x, t)) / _bcast(t, x)
+    x_euler = x + _bcast(t_next - t, x) * d
+    d_next = (x_euler - denoise(x_euler, t_next)) / _bcast(t_next, x)
+    return x + _bcast(t_next - t, x) * 0.5 * (d + d_next)
+
+
 def euler(denoise: Denoise, x: jax.Array, sigmas: jax.Array) -> jax.Array:
     """First-order probability-flow ODE solver: dx/dsigma = (x - D(x, sigma)) / sigma."""
 
@@ -64,14 +80,13 @@ def heun(denoise: Denoise, x: jax.Array, sigmas: jax.Array, key: jax.Array | Non
             # sqrt(t_hat^2 - t^2) written so rounding can never make the radicand negative.
             churn_std = t * jnp.sqrt(gamma * (2.0 + gamma))
             x = x + churn_std * s_noise * jax.random.normal(k, x.shape, x.dtype)
-        d = (x - denoise(x, _sigma_vec(t_hat, x))) / t_hat
-        x_euler = x + (t_next - t_hat) * d
+        t_hat_vec, t_next_vec = _sigma_vec(t_hat, x), _sigma_vec(t_next, x)
 
-        def correct(x_euler):
-            d_next = (x_euler - denoise(x_euler, _sigma_vec(t_next, x))) / t_next
-            return x + (t_next - t_hat) * 0.5 * (d + d_next)
+        def last_step(x):  # landing on sigma = 0: a 2nd-order correction would divide by 0
+            return x + (t_next - t_hat) * (x - denoise(x, t_hat_vec)) / t_hat
 
-        return jax.lax.cond(t_next > 0, correct, lambda v: v, x_euler), None
+        return jax.lax.cond(t_next > 0, lambda v: heun_step(denoise, v, t_hat_vec, t_next_vec),
+                            last_step, x), None
 
     t, t_next = _steps(sigmas)
     x, _ = jax.lax.scan(step, x, (t, t_next, keys))

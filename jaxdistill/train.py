@@ -22,6 +22,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from jaxdistill import checkpoint, data, eval as evaluation, methods, parallel, visualize
+from jaxdistill import teacher as teacher_lib
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,28 +50,38 @@ class Program:
     method: Any
     mesh: Mesh
     abstract_state: Any          # ShapeDtypeStructs carrying the state's shardings
-    init: Callable               # key -> state, created already sharded
+    init: Callable               # (key, teacher) -> state, created already sharded
     step: Callable               # (state, teacher, batch, key) -> (state, metrics); donates state
+    teacher_shardings: Any       # shardings of the frozen teacher's params (None: no teacher)
 
     @property
     def state_shardings(self):
         return jax.tree.map(lambda s: s.sharding, self.abstract_state)
 
 
-def build(config, mesh: Mesh | None = None) -> Program:
-    """Shardings of the method's state by the FSDP rule and the jitted init / step over `mesh`."""
+def build(config, mesh: Mesh | None = None, teacher=None) -> Program:
+    """Shardings of the method's state (and teacher) by the FSDP rule; jitted init / step."""
     method = methods.get(config.method.name)
     mesh = mesh or parallel.make_mesh(config.mesh)
-    init = lambda k: method.init(config, k, None)  # noqa: E731
-    abstract = jax.eval_shape(init, jax.random.key(0))
+    init = lambda k, tch: method.init(config, k, tch)  # noqa: E731
+    abstract = jax.eval_shape(init, jax.random.key(0), teacher)
     shardings = parallel.tree_shardings(abstract, mesh, config.mesh.min_shard_size)
+    teacher_shardings = (None if teacher is None else
+                         parallel.tree_shardings(teacher, mesh, config.mesh.min_shard_size))
     rep = parallel.replicated(mesh)
     step = jax.jit(method.train_step(config),
-                   in_shardings=(shardings, None, parallel.batch_sharding(mesh), rep),
+                   in_shardings=(shardings, teacher_shardings, parallel.batch_sharding(mesh), rep),
                    out_shardings=(shardings, rep), donate_argnums=0)
     return Program(method=method, mesh=mesh,
                    abstract_state=parallel.with_shardings(abstract, shardings),
-                   init=jax.jit(init, out_shardings=shardings), step=step)
+                   init=jax.jit(init, in_shardings=(rep, teacher_shardings),
+                                out_shardings=shardings),
+                   step=step, teacher_shardings=teacher_shardings)
+
+
+def place_teacher(program: Program, teacher):
+    """The teacher's params on the mesh, sharded like the state (None stays None)."""
+    return None if teacher is None else jax.device_put(teacher, program.teacher_shardings)
 
 
 def load_state(config, workdir: str, mesh: Mesh | None = None):
@@ -78,7 +89,7 @@ def load_state(config, workdir: str, mesh: Mesh | None = None):
 
     The state is placed on `mesh` by the current config's rule, whatever mesh it was saved from.
     """
-    program = build(config, mesh)
+    program = build(config, mesh, teacher_lib.load(config))
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoint found in {ckpt_dir}: train first with "
@@ -162,7 +173,9 @@ def train(config, workdir: str):
     from clu import metric_writers  # imports TensorFlow: keep it out of the functional API
 
     validate(config)
-    program = build(config)
+    teacher = teacher_lib.load(config)
+    program = build(config, teacher=teacher)
+    teacher = place_teacher(program, teacher)
     parallel.check_batch_size(config.train.batch_size, program.mesh)
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
@@ -179,7 +192,7 @@ def train(config, workdir: str):
                            seed=config.seed, start_step=start,
                            process_index=jax.process_index(), process_count=jax.process_count())
     if state is None:
-        state = program.init(k_init)
+        state = program.init(k_init, teacher)
         logging.info("initialised %s from scratch", config.method.name)
     else:
         logging.info("resumed from step %d in %s", start, workdir)
@@ -187,15 +200,17 @@ def train(config, workdir: str):
         writer.write_hparams({k: str(v) for k, v in checkpoint.config_json(config).items()})
 
     def save(step, metrics=None):
-        checkpoint.save(mngr, step, state, {"step": step, "method": config.method.name,
-                                            "config": checkpoint.config_json(config)}, metrics)
+        checkpoint.save(mngr, step, state, {
+            "step": step, "method": config.method.name, "config": checkpoint.config_json(config),
+            "teacher": {"kind": config.teacher.kind, "checkpoint": config.teacher.checkpoint}},
+            metrics)
 
     t0, last_logged, step, eval_metrics = time.time(), start, start, None
     with _Preemption() as preemption:
         try:
             for step in range(start + 1, tc.num_steps + 1):
                 batch = parallel.shard_batch(next(batches), program.mesh)
-                state, metrics = program.step(state, None, batch, k_train)
+                state, metrics = program.step(state, teacher, batch, k_train)
                 last = step == tc.num_steps
                 if step % tc.log_every == 0 or last:
                     metrics = jax.device_get(metrics)

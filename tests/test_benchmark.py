@@ -14,7 +14,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from test_edm import ROOT, load_config  # noqa: E402
 
 FIELDS = (
-    "config", "method", "network", "data", "batch_size", "image_shape", "label_dim",
+    "config", "method", "teacher", "network", "data", "batch_size", "image_shape", "label_dim",
     "compute_dtype", "remat", "mesh_shape", "platform", "device_kind", "device_count",
     "jax_version", "param_count", "init_s", "lower_s", "compile_s", "timed_steps", "step_s_all",
     "step_s_median", "step_s_min", "images_per_s", "images_per_s_per_device",
@@ -24,7 +24,7 @@ FIELDS = (
     "device0_runtime_peak_bytes_in_use", "flops_per_step_per_device", "flops_per_step_global",
     "achieved_flops_per_s_per_device", "achieved_flops_per_s_global",
     "peak_flops_per_s_per_device", "peak_flops_matmul", "mfu", "final_loss", "config_overrides",
-    "host_load_avg_1min",
+    "host_load_avg_1min_start", "host_load_avg_1min_end",
 )
 
 
@@ -73,7 +73,7 @@ def test_step_benchmark_writes_consistent_json(tmp_path):
 
     cfg = load_config("edm_mixture2d")
     cfg.train.batch_size = 64
-    params = train.build(cfg).abstract_state.params
+    params = train.build(cfg).abstract_state.params  # EDM: no teacher
     assert rec["param_count"] == sum(p.size for p in jax.tree.leaves(params))
     # the 3-layer MLP's weights and biases alone are far more than a few parameters
     assert rec["param_count"] > 3 * 128 * 128

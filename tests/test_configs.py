@@ -5,8 +5,7 @@ import sys
 import jax
 import pytest
 
-from jaxdistill import train
-from jaxdistill.methods import edm
+from jaxdistill import methods, teacher, train
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from test_edm import ROOT, load_config  # noqa: E402
@@ -21,7 +20,17 @@ OFFICIAL_PARAMS = {("edm_cifar10", None): 55_733_891, ("edm_cifar10", "cond"): 5
 def test_config_validates_and_builds(name, arg):
     cfg = load_config(name, arg)
     train.validate(cfg)
-    state = jax.eval_shape(lambda k: edm.init(cfg, k), jax.random.key(0))
+    # A checkpoint teacher is stood in for by its shapes: a fresh EDM init of its network.
+    if cfg.teacher.kind == "checkpoint":
+        teacher_cfg = cfg.copy_and_resolve_references()
+        teacher_cfg.unlock()
+        teacher_cfg.network = teacher_cfg.teacher.network
+        tch = jax.eval_shape(lambda k: {"params": methods.edm.init(teacher_cfg, k).params},
+                             jax.random.key(0))
+    else:
+        tch = teacher.load(cfg)
+    state = jax.eval_shape(lambda k: methods.get(cfg.method.name).init(cfg, k, tch),
+                           jax.random.key(0))
     count = sum(x.size for x in jax.tree.leaves(state.params))
     if (name, arg) in OFFICIAL_PARAMS:
         assert count == OFFICIAL_PARAMS[(name, arg)]

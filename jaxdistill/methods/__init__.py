@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import types
 
-from jaxdistill.methods import edm
+from jaxdistill.methods import ctm, edm
 
-METHODS: dict[str, types.ModuleType] = {"edm": edm}
+METHODS: dict[str, types.ModuleType] = {"edm": edm, "ctm": ctm}
 
 
 def get(name: str) -> types.ModuleType:

@@ -30,7 +30,8 @@ def build_denoiser(config) -> EDMDenoiser:
 
 def init_variables(config, denoiser: EDMDenoiser, rng: jax.Array) -> tuple[dict, dict]:
     """(params, consts): trainable params and the network's other collections (buffers)."""
-    variables = denoiser.init(rng, tuple(config.model.shape), config.model.label_dim)
+    extra = {"noise_labels_s": jnp.zeros((1,))} if config.network.get("s_embedding") else {}
+    variables = denoiser.init(rng, tuple(config.model.shape), config.model.label_dim, **extra)
     variables = dict(variables)
     params = variables.pop("params")
     return params, variables
@@ -114,3 +115,46 @@ def sample_with(config, denoiser, variables, key: jax.Array, n: int, labels=None
         kwargs = dict(eta=sc.get("eta", 0.0))
     noise = jax.random.normal(k_noise, (n,) + tuple(config.model.shape))
     return samplers.sample(sc.sampler, denoise, noise, sigmas, k_sampler, **kwargs), labels
+
+
+def teacher_denoiser(config):
+    """The frozen teacher's denoiser with the shared signature (variables, x, sigma, labels)."""
+    from jaxdistill.data.mixtures import AnalyticTeacher
+
+    if config.teacher.kind == "analytic":
+        return AnalyticTeacher()
+    if config.teacher.kind == "checkpoint":
+        kwargs = {k: v for k, v in config.teacher.network.items() if k != "name"}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+        net = networks.create(config.teacher.network.name, **kwargs)
+        return EDMDenoiser(net, sigma_data=config.model.sigma_data,
+                           compute_dtype=config.model.compute_dtype)
+    raise ValueError(f"config.method.name={config.method.name!r} needs a teacher: set "
+                     "config.teacher.kind to 'analytic' or 'checkpoint'")
+
+
+def init_from_teacher(student_params, teacher_variables):
+    """Student params with every entry whose name and shape match the teacher's copied from it.
+
+    New branches (e.g. CTM's s-embedding) keep their fresh init (ctm-cifar10 cm_train.py copies
+    by name the same way). An analytic teacher has no network params: the student stays fresh.
+    """
+    teacher_params = teacher_variables.get("params") if isinstance(teacher_variables, dict) else None
+    if teacher_params is None:
+        return student_params
+    flat_teacher = dict(jax.tree_util.tree_flatten_with_path(teacher_params)[0])
+
+    def pick(path, leaf):
+        t = flat_teacher.get(path)
+        return t.astype(leaf.dtype) if t is not None and t.shape == leaf.shape else leaf
+
+    return jax.tree_util.tree_map_with_path(pick, student_params)
+
+
+def last_layer_kernel(config, tree):
+    """The output layer's kernel in a params-shaped tree (for adaptive loss weights)."""
+    net = config.network
+    name = {"mlp": "output", "dhariwal": "out_conv",
+            "songunet": f"dec_{net.get('img_resolution', 0)}x{net.get('img_resolution', 0)}_aux_conv"
+            }[net.name]
+    return tree[name]["kernel"]

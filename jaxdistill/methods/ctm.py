@@ -1,0 +1,242 @@
+"""CTM: Consistency Trajectory Models (Kim et al., ICLR 2024, arXiv 2310.02279).
+
+The student G_theta(x_t, t, s) jumps from any time t to any earlier s along the teacher's
+probability-flow ODE. Facts checked against the official code (sony/ctm code/cm/karras_diffusion.py,
+resample.py, sample_util.py; Kim-Dongjun/ctm-cifar10 cm/networks.py, cm_train.py; summarised in
+shared/research/ctm_dmd2_msd.md section 1):
+  - G = (s/t) x_t + (1 - s/t) g_theta(x_t, t, s), with g the EDM-preconditioned network at t and the
+    second time s fed as c_noise(s) through its own embedding branch ("euler" outer / "edm" inner).
+  - Training times on the N-point Karras grid: one k ~ P(k) proportional to k^m (m = 1) shared by
+    the batch; per example n_t ~ U{0..N-1-k}, u = grid[n_t + k], n_s ~ U{n_t+k..N-1}.
+  - CTM loss d(G_sg-(G_theta(x_t, t, s), s, sigma_min), G_sg-(G_sg(x_u, u, s), s, sigma_min)) where
+    x_u is k teacher Heun steps from x_t and sg- is the target (fixed-rate EMA) network.
+  - DSM on the student's own denoiser g(x, sigma, sigma): EDM weight, half lognormal / half
+    Karras-position sigmas; weighted adaptively by ||grad_L L_CTM|| / ||grad_L L_DSM|| at the last
+    layer L.
+  - Optimiser RAdam; target EMA with a fixed rate; evaluation EMAs.
+  - gamma-sampling: s = sqrt(1 - gamma^2) (sigma_{i+1} - sigma_min) + sigma_min, x <- G(x, sigma_i, s),
+    then re-noise to sigma_{i+1}; gamma = 0 is deterministic long jumps, gamma = 1 consistency
+    multistep.
+The GAN term is not part of this module yet (see README status).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdistill import diffusion, samplers
+from jaxdistill.methods import common
+from jaxdistill.networks.discriminator import adaptive_weight
+
+
+@flax.struct.dataclass
+class CTMState:
+    step: jax.Array
+    params: Any
+    target_params: Any        # theta^-: fixed-rate EMA used inside the loss
+    ema_params: tuple         # evaluation EMAs, one per rate in config.method.eval_emas
+    consts: Any
+    opt_state: Any
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    oc = config.optim
+    chain = [optax.clip_by_global_norm(oc.grad_clip)] if oc.get("grad_clip", 0.0) > 0 else []
+    chain.append(optax.radam(common.lr_schedule(oc, config.train.batch_size), b1=oc.b1, b2=oc.b2,
+                             eps=oc.eps))
+    return optax.chain(*chain)
+
+
+def init(config, rng: jax.Array, teacher=None) -> CTMState:
+    """Student with an s-branch, initialised from the teacher by parameter name."""
+    if not config.network.get("s_embedding"):
+        raise ValueError("CTM's student needs the target-time input: set "
+                         "config.network.s_embedding=True")
+    denoiser = common.build_denoiser(config)
+    params, consts = common.init_variables(config, denoiser, rng)
+    if teacher is not None:
+        params = common.init_from_teacher(params, teacher)
+    copy = lambda: jax.tree.map(jnp.copy, params)  # noqa: E731
+    return CTMState(step=jnp.zeros((), jnp.int32), params=params, target_params=copy(),
+                    ema_params=tuple(copy() for _ in config.method.eval_emas), consts=consts,
+                    opt_state=make_optimizer(config).init(params))
+
+
+def jump(denoiser, variables, x, t, s, labels=None, *, train=False, rng=None):
+    """G(x_t, t, s) = (s/t) x_t + (1 - s/t) g(x_t, t, s); t, s per example (N,)."""
+    _, _, _, c_noise_s = diffusion.edm_precond(s)
+    g = denoiser(variables, x, t, labels, train=train, rng=rng, noise_labels_s=c_noise_s)
+    ratio = diffusion.expand_to(s / t, x)
+    return ratio * x + (1.0 - ratio) * g
+
+
+def own_denoiser(denoiser, variables, x, sigma, labels=None, *, train=False, rng=None):
+    """The student as a diffusion model: g(x, sigma, s = sigma)."""
+    _, _, _, c_noise = diffusion.edm_precond(sigma)
+    return denoiser(variables, x, sigma, labels, train=train, rng=rng, noise_labels_s=c_noise)
+
+
+def sample_heun_steps(key: jax.Array, max_steps: int, multiplier: float = 1.0) -> jax.Array:
+    """k in {1..max_steps} with P(k) proportional to k^multiplier ('weighted' strategy)."""
+    ks = jnp.arange(1, max_steps + 1, dtype=jnp.float32)
+    return jax.random.categorical(key, multiplier * jnp.log(ks)) + 1
+
+
+def sample_indices(key: jax.Array, n: int, num_scales: int, k: jax.Array):
+    """Per-example grid indices (n_t, n_u = n_t + k, n_s ~ U{n_u..N-1})."""
+    k_t, k_s = jax.random.split(key)
+    n_t = jax.random.randint(k_t, (n,), 0, num_scales - k)
+    n_u = n_t + k
+    n_s = jax.random.randint(k_s, (n,), n_u, num_scales)
+    return n_t, n_u, n_s
+
+
+def teacher_solve(teacher_denoise, x, grid, n_t, k):
+    """k Heun steps of the teacher from grid[n_t] to grid[n_t + k], per example; inside jit."""
+
+    def body(j, x):
+        return samplers.heun_step(teacher_denoise, x, grid[n_t + j], grid[n_t + j + 1])
+
+    return jax.lax.fori_loop(0, k, body, x)
+
+
+def distance(config, a, b, lpips_params=None):
+    """Per-example distance between two batches: l2 (mean squared), pseudo_huber or lpips."""
+    mc = config.method
+    n = a.shape[0]
+    diff = (a - b).reshape(n, -1)
+    if mc.distance == "l2":
+        return jnp.mean(diff**2, axis=1)
+    if mc.distance == "pseudo_huber":
+        # c = 0.00054 sqrt(d) (Song & Dhariwal 2023, improved consistency training) unless set.
+        c = mc.huber_c or 0.00054 * diff.shape[1] ** 0.5
+        return jnp.sqrt(jnp.sum(diff**2, axis=1) + c**2) - c
+    if mc.distance == "lpips":
+        from jaxdistill.networks import lpips
+
+        return lpips.lpips_distance(lpips_params, a, b)
+    raise ValueError(f"config.method.distance={mc.distance!r} is not l2, pseudo_huber or lpips")
+
+
+def dsm_sigmas(key: jax.Array, n: int, mc):
+    """First half lognormal(P_mean, P_std), second half Karras position in [0, 0.7]."""
+    k_ln, k_kp = jax.random.split(key)
+    half = n // 2
+    return jnp.concatenate([
+        diffusion.sample_lognormal_sigma(k_ln, (half,), mc.p_mean, mc.p_std),
+        diffusion.sample_karras_position_sigma(k_kp, (n - half,), mc.dsm_max_position)])
+
+
+def train_step(config):
+    """step(state, teacher, batch, rng) -> (state, metrics): one CTM + DSM generator update."""
+    mc = config.method
+    denoiser = common.build_denoiser(config)
+    teacher_net = common.teacher_denoiser(config)
+    tx = make_optimizer(config)
+    grid = diffusion.karras_sigmas(mc.num_scales, append_zero=False)
+    lpips_params = None  # LPIPS weights are loaded by the trainer in a later change
+
+    def step(state: CTMState, teacher, batch, rng):
+        key = jax.random.fold_in(rng, state.step)
+        k_heun, k_idx, k_noise, k_drop, k_dsm, k_dsm_noise, k_dsm_drop = jax.random.split(key, 7)
+        x0 = batch["x"]
+        n = x0.shape[0]
+        labels = common.one_hot(batch["label"], config.model.label_dim)
+        var = lambda p: {"params": p, **state.consts}  # noqa: E731
+        sigma_min = jnp.full((n,), diffusion.SIGMA_MIN)
+
+        k = sample_heun_steps(k_heun, mc.num_heun_step, mc.heun_step_multiplier)
+        n_t, n_u, n_s = sample_indices(k_idx, n, mc.num_scales, k)
+        t, u, s = grid[n_t], grid[n_u], grid[n_s]
+        x_t = x0 + diffusion.expand_to(t, x0) * jax.random.normal(k_noise, x0.shape)
+
+        # Target: teacher t -> u, stop-grad student u -> s, target network s -> sigma_min.
+        teacher_denoise = lambda x, sig: teacher_net(teacher, x, sig, labels)  # noqa: E731
+        x_u = teacher_solve(teacher_denoise, x_t, grid, n_t, k)
+        x_s_target = jump(denoiser, var(state.params), x_u, u, s, labels)
+        target = jax.lax.stop_gradient(
+            jump(denoiser, var(state.target_params), x_s_target, s, sigma_min, labels))
+
+        def ctm_loss(params):
+            x_s = jump(denoiser, var(params), x_t, t, s, labels, train=True, rng=k_drop)
+            estimate = jump(denoiser, var(state.target_params), x_s, s, sigma_min, labels)
+            return jnp.mean(distance(config, estimate, target, lpips_params))
+
+        def dsm_loss(params):
+            sigma = dsm_sigmas(k_dsm, n, mc)
+            noisy = x0 + diffusion.expand_to(sigma, x0) * jax.random.normal(k_dsm_noise, x0.shape)
+            d = own_denoiser(denoiser, var(params), noisy, sigma, labels, train=True,
+                             rng=k_dsm_drop)
+            per_example = jnp.mean(((d - x0) ** 2).reshape(n, -1), axis=1)
+            return jnp.mean(diffusion.edm_loss_weight(sigma, config.model.sigma_data) * per_example)
+
+        l_ctm, g_ctm = jax.value_and_grad(ctm_loss)(state.params)
+        l_dsm, g_dsm = jax.value_and_grad(dsm_loss)(state.params)
+        if mc.dsm_adaptive:
+            lam = adaptive_weight(common.last_layer_kernel(config, g_ctm),
+                                  common.last_layer_kernel(config, g_dsm), clip=None)
+        else:
+            lam = jnp.ones(())
+        lam = jax.lax.stop_gradient(lam) * mc.dsm_weight
+        grads = jax.tree.map(lambda a, b: a + lam * b, g_ctm, g_dsm)
+        grads = common.sanitize_grads(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        target_params = common.ema_update(state.target_params, params, mc.target_ema)
+        ema_params = tuple(common.ema_update(e, params, rate)
+                           for e, rate in zip(state.ema_params, mc.eval_emas))
+        metrics = {"loss": l_ctm + lam * l_dsm, "ctm_loss": l_ctm, "dsm_loss": l_dsm,
+                   "dsm_lambda": lam, "heun_steps": k.astype(jnp.float32),
+                   "grad_norm": optax.tree.norm(grads)}
+        return state.replace(step=state.step + 1, params=params, target_params=target_params,
+                             ema_params=ema_params, opt_state=opt_state), metrics
+
+    return step
+
+
+def gamma_sample(denoiser, variables, noise, labels, *, num_steps: int, gamma: float,
+                 key: jax.Array, sigma_min: float = diffusion.SIGMA_MIN,
+                 sigma_max: float = diffusion.SIGMA_MAX, rho: float = diffusion.RHO):
+    """CTM gamma-sampling with `num_steps` jumps from sigma_max (NFE = num_steps)."""
+    sigmas = diffusion.karras_sigmas(num_steps + 1, sigma_min, sigma_max, rho, append_zero=False)
+    n = noise.shape[0]
+    keys = jax.random.split(key, num_steps)
+
+    def body(x, inputs):
+        t, t_next, k = inputs
+        s = jnp.sqrt(1.0 - gamma**2) * (t_next - sigma_min) + sigma_min
+        x = jump(denoiser, variables, x, jnp.full((n,), t), jnp.full((n,), s), labels)
+        # On the last step t_next = s = sigma_min, so no noise is added.
+        return x + jnp.sqrt(jnp.maximum(t_next**2 - s**2, 0.0)) * jax.random.normal(
+            k, x.shape), None
+
+    x, _ = jax.lax.scan(body, noise * sigma_max, (sigmas[:-1], sigmas[1:], keys))
+    return x
+
+
+def sample(config, state: CTMState, rng: jax.Array, n: int, labels=None):
+    """n samples from the evaluation EMA `config.sample.ema_index` (returns samples, labels).
+
+    config.sample.sampler == 'gamma' runs gamma-sampling with config.sample.num_steps jumps and
+    config.sample.gamma; any other sampler (heun, euler, ...) runs the student's own denoiser
+    g(x, sigma, sigma) as a diffusion model.
+    """
+    sc = config.sample
+    denoiser = common.build_denoiser(config)
+    params = state.ema_params[sc.ema_index] if state.ema_params else state.params
+    variables = {"params": params, **state.consts}
+    if sc.sampler != "gamma":
+        student_as_diffusion = lambda v, x, sigma, lab: own_denoiser(denoiser, v, x, sigma, lab)  # noqa: E731
+        return common.sample_with(config, student_as_diffusion, variables, rng, n, labels)
+    k_labels, k_noise, k_gamma = jax.random.split(rng, 3)
+    if labels is None:
+        labels = common.random_labels(k_labels, n, config.model.label_dim)
+    noise = jax.random.normal(k_noise, (n,) + tuple(config.model.shape))
+    x = gamma_sample(denoiser, variables, noise, common.one_hot(labels, config.model.label_dim),
+                     num_steps=sc.num_steps, gamma=sc.gamma, key=k_gamma,
+                     sigma_min=sc.sigma_min, sigma_max=sc.sigma_max, rho=sc.rho)
+    return x, labels

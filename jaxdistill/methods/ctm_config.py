@@ -1,0 +1,26 @@
+"""CTM's method fields with the official defaults (sony/ctm cm/script_util.py; ctm-cifar10).
+
+Config files call `method_config()` and override what their data set needs.
+"""
+import ml_collections as mlc
+
+
+def method_config(**overrides) -> mlc.ConfigDict:
+    c = mlc.ConfigDict({
+        "name": "ctm",
+        "num_scales": 18,             # N: Karras grid points (18 CIFAR-10, 40 ImageNet-64)
+        "num_heun_step": 17,          # K_max teacher Heun steps per target (N - 1)
+        "heun_step_multiplier": 1.0,  # P(k) proportional to k^multiplier ('weighted')
+        "target_ema": 0.999,          # theta^- rate (fixed)
+        "eval_emas": (0.999, 0.9999),
+        "distance": "l2",             # l2 / pseudo_huber / lpips (official default lpips)
+        "huber_c": 0.0,               # 0 = 0.00054 sqrt(dim)
+        "lpips_weights_dir": "",      # vgg.pth + vgg16-397923af.pth (or .npz) for distance=lpips
+        "dsm_weight": 1.0,            # denoising_weight
+        "dsm_adaptive": True,         # lambda_DSM = ||grad_L CTM|| / ||grad_L DSM||
+        "dsm_max_position": 0.7,      # diffusion_mult: Karras-position half of the DSM sigmas
+        "p_mean": -1.2,
+        "p_std": 1.2,
+    })
+    c.update(overrides)
+    return c

@@ -1,0 +1,69 @@
+"""Loading a frozen teacher for distillation: an exact analytic mixture or a trained checkpoint.
+
+`config.teacher.kind`:
+  - 'none'        no teacher (EDM teacher training itself);
+  - 'analytic'    the closed-form denoiser of the data's Gaussian mixture (config.data must be a
+                  mixture); its "params" are the mixture's means / stds / weights;
+  - 'checkpoint'  the EMA weights of a jaxdistill run directory (`config.teacher.checkpoint`, e.g.
+                  an EDM teacher trained with run.py, or an official EDM pickle converted into that
+                  layout), whose network is `config.teacher.network`.
+The teacher's params are returned as a plain pytree; the trainer shards them by the same rule as
+the state and never gives them to an optimizer.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import orbax.checkpoint as ocp
+
+from jaxdistill import data
+
+KINDS = ("none", "analytic", "checkpoint")
+
+
+def load(config):
+    """The teacher's variables (a pytree) for `config.teacher`, or None for kind 'none'."""
+    kind = config.teacher.kind
+    if kind not in KINDS:
+        raise ValueError(f"config.teacher.kind={kind!r} is not one of {KINDS}")
+    if kind == "none":
+        return None
+    if kind == "analytic":
+        mix = data.mixture_of(config.data)
+        if mix is None:
+            raise ValueError("config.teacher.kind='analytic' needs a Gaussian-mixture data set "
+                             f"(mixture2d or image_mixture), not {config.data.name!r}")
+        return mix
+    return _load_checkpoint(config)
+
+
+def _load_checkpoint(config) -> dict:
+    path = config.teacher.checkpoint
+    ckpt_dir = os.path.join(path, "checkpoints") if path else ""
+    if not path or not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(
+            f"teacher checkpoint not found: config.teacher.checkpoint={path!r} must be a run "
+            "directory containing checkpoints/<step>/ — train one with "
+            "`python run.py --config=configs/edm_*.py --workdir=DIR` (or convert an official EDM "
+            "pickle into that layout) and pass --config.teacher.checkpoint=DIR")
+    mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=("state", "meta"))
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint steps in {ckpt_dir} (config.teacher.checkpoint)")
+    restored = mngr.restore(steps[0], args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    mngr.close()
+    saved_net = restored.meta["config"]["network"]
+    wanted = json.loads(config.teacher.network.to_json_best_effort())
+    if _normalise(saved_net) != _normalise(wanted):
+        raise ValueError(f"config.teacher.network does not match the network the teacher in {path} "
+                         f"was trained with:\n  config: {wanted}\n  teacher: {saved_net}")
+    state = restored.state
+    return {"params": state["ema_params"], **state.get("consts", {})}
+
+
+def _normalise(net: dict) -> dict:
+    # JSON turns tuples into lists; dropout / remat do not change the weights' meaning.
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in net.items()
+            if k not in ("dropout", "remat", "label_dropout")}
