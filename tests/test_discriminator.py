@@ -15,6 +15,7 @@ _augment = jax.jit(apply_diff_augment, static_argnames=("policy", "cutout_ratio"
 _sample = jax.jit(sample_diff_augment_params, static_argnums=(1, 2, 3))
 
 H = W = 16  # shift = int(16 * 0.125 + 0.5) = 2, cutout = int(16 * 0.2 + 0.5) = 3
+N = 8       # one batch size for the random draws -> one compilation of the sampler
 
 
 # ------------------------------------------------------------------------------------------------
@@ -42,7 +43,7 @@ def test_param_ranges_follow_official():
 
 
 def test_translation_moves_single_pixel_by_drawn_shift():
-    n, r, c = 8, 7, 9
+    n, r, c = N, 7, 9
     x = jnp.zeros((n, H, W, 3)).at[:, r, c, :].set(1.0)
     p = _sample(jax.random.PRNGKey(3), n, H, W)
     tx, ty = np.asarray(p["translation_x"]), np.asarray(p["translation_y"])
@@ -79,9 +80,9 @@ def test_cutout_zeroes_exact_square():
     np.testing.assert_array_equal(y, exp)
     assert (y[0, ..., 0] == 0).sum() == 9
     # random draws: the zero set is the clipped square predicted from the drawn offsets
-    p = _sample(jax.random.PRNGKey(5), 16, H, W)
-    y = np.asarray(_augment(jnp.ones((16, H, W, 1)), p, policy="cutout"))
-    for i in range(16):
+    p = _sample(jax.random.PRNGKey(5), N, H, W)
+    y = np.asarray(_augment(jnp.ones((N, H, W, 1)), p, policy="cutout"))
+    for i in range(N):
         lo_x, lo_y = int(p["offset_x"][i]) - 1, int(p["offset_y"][i]) - 1
         e = np.ones((H, W))
         e[max(lo_x, 0):lo_x + 3, max(lo_y, 0):lo_y + 3] = 0
@@ -91,7 +92,7 @@ def test_cutout_zeroes_exact_square():
 
 
 def test_color_ops():
-    n = 4
+    n = N
     gray = jnp.full((n, H, W, 3), 0.2)
     p = _sample(jax.random.PRNGKey(7), n, H, W)
     y = np.asarray(_augment(gray, p, policy="color"))
@@ -112,22 +113,21 @@ def test_color_ops():
 
 
 def test_keys_jit_and_gradients():
-    x = jax.random.uniform(jax.random.PRNGKey(1), (4, H, W, 3), minval=-1, maxval=1)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (N, H, W, 3), minval=-1, maxval=1)
     k1, k2 = jax.random.PRNGKey(10), jax.random.PRNGKey(11)
 
     @jax.jit
-    def run(k1, k2, x):   # one compilation for the key checks and both gradients
-        a, b, c = diff_augment(k1, x), diff_augment(k1, x), diff_augment(k2, x)
-        g = jax.grad(lambda u: jnp.sum(diff_augment(k1, u) ** 2))(x)
-        g1 = jax.grad(lambda u: jnp.sum(diff_augment(k1, u)))(x)
-        return a, b, c, g, g1
+    def run(k, x):   # augmented images and the gradients of sum(y) and sum(y**2), one compilation
+        y, vjp = jax.vjp(lambda u: diff_augment(k, u), x)
+        return y, vjp(jnp.ones_like(y))[0], vjp(2 * y)[0]
 
-    a, b, c, g, g1 = run(k1, k2, x)
+    a, g1, g = run(k1, x)
+    b, c = run(k1, x)[0], run(k2, x)[0]
     assert a.shape == x.shape
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(np.asarray(a), np.asarray(c))
     # = drawing the parameters from the key and applying them (separately compiled)
-    np.testing.assert_allclose(np.asarray(_augment(x, _sample(k1, 4, H, W))), np.asarray(a), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(_augment(x, _sample(k1, N, H, W))), np.asarray(a), atol=1e-6)
     for gg in (np.asarray(g), np.asarray(g1)):
         assert np.all(np.isfinite(gg)) and np.abs(gg).sum() > 0
     assert np.asarray(diff_augment(k1, x, policy="")).tobytes() == np.asarray(x).tobytes()
@@ -148,60 +148,60 @@ def _feats(seed=0):
 
 def test_discriminator_shapes_and_frozen_projection():
     D = ProjectedDiscriminator(proj_dim=8, ndf=16)
-    apply = jax.jit(D.apply, static_argnames=("return_map",))
-    feats = _feats()
+    feats, fake = _feats(), [f + 0.5 for f in _feats(1)]
     v = jax.jit(D.init)({"params": jax.random.PRNGKey(0)}, feats)
     assert set(v) == {"params", "projection"}
     assert set(v["projection"]) == {"proj_0", "proj_1"}
     assert v["projection"]["proj_1"]["kernel"].shape == (32, 16)     # expand: 8 * 2**1
     assert not any("proj" in "/".join(str(k) for k in path)
                    for path, _ in jax.tree_util.tree_flatten_with_path(v["params"])[0])
-    out = apply(v, feats)
-    assert out.shape == (2,)
-    lmap = apply(v, feats, return_map=True)
-    assert lmap.shape == (2, 5 * 5 + 1 * 1)                          # 8x8 -> 5x5, 4x4 -> 1x1
-    np.testing.assert_allclose(np.asarray(lmap.mean(1)), np.asarray(out), rtol=1e-5, atol=1e-6)
-
     proj0 = jax.tree.map(np.array, v["projection"])
-    fake = [f + 0.5 for f in _feats(1)]
+    opt = optax.adam(1e-2)
 
     def d_loss(params, proj):
         vv = {"params": params, "projection": proj}
         return hinge_d_loss(D.apply(vv, feats, return_map=True), D.apply(vv, fake, return_map=True))
 
-    opt = optax.adam(1e-2)
-
     @jax.jit
-    def d_step(params, proj):
-        loss, (gp, gproj) = jax.value_and_grad(d_loss, argnums=(0, 1))(params, proj)
-        upd, _ = opt.update(gp, opt.init(params), params)
-        new = optax.apply_updates(params, upd)
-        gf = jax.grad(lambda fs: hinge_g_loss(D.apply({"params": params, "projection": proj}, fs)))(fake)
-        return loss, gp, gproj, new, d_loss(new, proj), gf
+    def run(v, labels):   # everything in one compilation (CPU time)
+        params, proj = v["params"], v["projection"]
+        r = {"out": D.apply(v, feats), "lmap": D.apply(v, feats, return_map=True),
+             "out_labels": D.apply(v, feats, labels)}
+        r["loss"], (r["gp"], r["gproj"]) = jax.value_and_grad(d_loss, argnums=(0, 1))(params, proj)
+        upd, _ = opt.update(r["gp"], opt.init(params), params)
+        r["new"] = optax.apply_updates(params, upd)
+        r["new_out"] = D.apply({"params": r["new"], "projection": proj}, feats)
+        r["new_loss"] = d_loss(r["new"], proj)
+        r["gf"] = jax.grad(lambda fs: hinge_g_loss(D.apply(v, fs)))(fake)
+        return r
 
-    loss, gp, gproj, new_params, new_loss, gf = d_step(v["params"], v["projection"])
+    r = run(v, jax.nn.one_hot(jnp.array([1, 2]), 3))
+    out = np.asarray(r["out"])
+    assert out.shape == (2,)
+    assert r["lmap"].shape == (2, 5 * 5 + 1 * 1)                     # 8x8 -> 5x5, 4x4 -> 1x1
+    np.testing.assert_allclose(np.asarray(r["lmap"].mean(1)), out, rtol=1e-5, atol=1e-6)
     # gradients reach the heads, never the projection (stop_gradient)
-    assert sum(float(jnp.abs(l).sum()) for l in jax.tree_util.tree_leaves(gp)) > 0
-    assert all(float(jnp.abs(l).sum()) == 0 for l in jax.tree_util.tree_leaves(gproj))
-    v2 = {"params": new_params, "projection": v["projection"]}
-    jax.tree.map(np.testing.assert_array_equal, proj0, jax.tree.map(np.asarray, v2["projection"]))
-    assert not np.allclose(np.asarray(apply(v2, feats)), np.asarray(out))
-    assert float(new_loss) < float(loss)
+    assert sum(float(jnp.abs(l).sum()) for l in jax.tree_util.tree_leaves(r["gp"])) > 0
+    assert all(float(jnp.abs(l).sum()) == 0 for l in jax.tree_util.tree_leaves(r["gproj"]))
+    # an optax step on params moves the logits and lowers the loss; the projection is untouched
+    assert not np.allclose(np.asarray(r["new_out"]), out)
+    assert float(r["new_loss"]) < float(r["loss"])
+    jax.tree.map(np.testing.assert_array_equal, proj0, jax.tree.map(np.asarray, v["projection"]))
+    assert jax.tree.structure(r["new"]) == jax.tree.structure(v["params"])
     # the generator's gradient flows through projection and heads into the features
-    assert all(np.abs(np.asarray(g)).sum() > 0 for g in gf)
+    assert all(np.abs(np.asarray(g)).sum() > 0 for g in r["gf"])
     # labels are ignored by the unconditional discriminator (as CTM's released config)
-    lab = jax.nn.one_hot(jnp.array([1, 2]), 3)
-    np.testing.assert_array_equal(np.asarray(apply(v, feats, lab)), np.asarray(out))
+    np.testing.assert_array_equal(np.asarray(r["out_labels"]), out)
 
 
 def test_default_midas_widths_and_downblocks():
     D = ProjectedDiscriminator(proj_dim=4, proj_expand=False)       # ndf=None -> midas table
     feats = [jnp.ones((1, 16, 16, 5))]
-    v = jax.jit(D.init)({"params": jax.random.PRNGKey(0)}, feats)
+    v = jax.eval_shape(D.init, {"params": jax.random.PRNGKey(0)}, feats)      # shapes only
     head = v["params"]["head_0"]
     assert head["down_16"]["kernel"].shape == (4, 4, 4, 512)          # 16 -> 8, nfc[8] = 512
     assert head["out"]["kernel"].shape == (4, 4, 512, 1) and "bias" not in head["out"]
-    assert jax.eval_shape(lambda: D.apply(v, feats, return_map=True)).shape == (1, 25)
+    assert jax.eval_shape(lambda vv: D.apply(vv, feats, return_map=True), v).shape == (1, 25)
 
 
 def test_conditional_logits_depend_on_labels():
@@ -209,14 +209,19 @@ def test_conditional_logits_depend_on_labels():
     feats = _feats()
     la = jax.nn.one_hot(jnp.array([0, 1]), 4)
     lb = jax.nn.one_hot(jnp.array([2, 3]), 4)
-    v = jax.jit(D.init)({"params": jax.random.PRNGKey(0)}, feats, la)
-    assert "embed" in v["params"]["head_0"] and "embed_proj" in v["params"]["head_1"]
+    # Shapes from tracing init; values from numpy (a real init compiles ~10 RNG ops: seconds of CPU).
+    shapes = jax.eval_shape(D.init, {"params": jax.random.PRNGKey(0)}, feats, la)
+    assert shapes["params"]["head_0"]["embed"].shape == (4, 8)
+    assert shapes["params"]["head_1"]["embed_proj"]["kernel"].shape == (8, 8)
+    assert shapes["params"]["head_0"]["out"]["kernel"].shape == (4, 4, 8, 8)  # cmap_dim outputs
+    rng = np.random.default_rng(0)
+    v = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype), shapes)
     apply = jax.jit(D.apply)
     oa, ob = apply(v, feats, la), apply(v, feats, lb)
     assert oa.shape == (2,)
     assert np.all(np.abs(np.asarray(oa) - np.asarray(ob)) > 1e-6)
     # same label -> same logits (per-example: swap order of examples and labels)
-    swapped = apply(v, [f[::-1] for f in feats], la[::-1])
+    swapped = apply(v, [np.asarray(f)[::-1] for f in feats], np.asarray(la)[::-1])
     np.testing.assert_allclose(np.asarray(swapped)[::-1], np.asarray(oa), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         D.apply(v, feats)

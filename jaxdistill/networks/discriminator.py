@@ -173,8 +173,10 @@ class ProjectedDiscriminator(nn.Module):
             raise ValueError("ProjectedDiscriminator needs at least one feature map")
         n = features[0].shape[0]
         cond_labels = labels if self.label_dim > 0 else None
-        if self.label_dim > 0 and labels is not None and labels.shape != (n, self.label_dim):
-            raise ValueError(f"labels must be one-hot of shape {(n, self.label_dim)}, got {labels.shape}")
+        if self.label_dim > 0 and (labels is None or labels.shape != (n, self.label_dim)):
+            raise ValueError(f"a conditional discriminator (label_dim={self.label_dim}) needs one-hot "
+                             f"labels of shape {(n, self.label_dim)}, got "
+                             f"{None if labels is None else labels.shape}")
         all_logits = []
         for i, f in enumerate(features):
             if f.ndim != 4 or f.shape[0] != n:

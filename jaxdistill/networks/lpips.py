@@ -288,7 +288,8 @@ def _lin_from_state(state: Mapping[str, np.ndarray], path: str) -> dict:
                              f"found: {sorted(state)[:12]}")
         w = np.asarray(lin[k], np.float32)
         if w.shape != (1, c, 1, 1):
-            raise ValueError(f"{path!r}: lin{k} weight has shape {w.shape}, expected (1, {c}, 1, 1)")
+            raise ValueError(f"{path!r}: lin{k} weight has shape {w.shape}, "
+                             f"expected (1, {c}, 1, 1)")
         out[f"lin{k}"] = jnp.asarray(np.transpose(w, (2, 3, 1, 0)))  # OIHW -> HWIO
     return out
 
