@@ -249,6 +249,15 @@ def train(config, workdir: str):
     if step == tc.num_steps and tc.num_steps > start:
         final = eval_metrics or evaluate(config, state, jax.random.fold_in(k_sample, step))
         final = dict(final, step=step)
+        if teacher is not None:
+            # Distillation: the student beside its teacher's own samplers at equal step counts.
+            from jaxdistill.eval import compare
+
+            rows = compare.comparison_table(config, state, teacher, k_sample,
+                                            config.eval.num_samples)
+            final["comparison"] = rows
+            if is_chief:
+                print("\n" + compare.format_table(rows), flush=True)
         if is_chief:
             with open(os.path.join(workdir, "metrics.json"), "w") as f:
                 json.dump(final, f, indent=2)

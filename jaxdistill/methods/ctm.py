@@ -118,7 +118,9 @@ def distance(config, a, b, lpips_params=None):
     if mc.distance == "lpips":
         from jaxdistill.networks import lpips
 
-        return lpips.lpips_distance(lpips_params, a, b)
+        # CTM uses piq.LPIPS(replace_pooling=True): VGG with average pooling, inputs bilinearly
+        # resized to 224 (sony/ctm code/cm/enc_dec_lib.py).
+        return lpips.lpips_distance(lpips_params, a, b, pooling="avg")
     raise ValueError(f"config.method.distance={mc.distance!r} is not l2, pseudo_huber or lpips")
 
 
@@ -138,7 +140,12 @@ def train_step(config):
     teacher_net = common.teacher_denoiser(config)
     tx = make_optimizer(config)
     grid = diffusion.karras_sigmas(mc.num_scales, append_zero=False)
-    lpips_params = None  # LPIPS weights are loaded by the trainer in a later change
+    lpips_params = None
+    if mc.distance == "lpips":
+        from jaxdistill.networks import lpips
+
+        # Frozen weights from user-supplied files; a missing file fails here, before training.
+        lpips_params = lpips.load_lpips_from_dir(mc.lpips_weights_dir)
 
     def step(state: CTMState, teacher, batch, rng):
         key = jax.random.fold_in(rng, state.step)
