@@ -93,6 +93,10 @@ def test_gamma_sampling_reduces_to_the_expected_updates(student):
                         vec(0.002))
     out = ctm.gamma_sample(den, v, z, None, num_steps=2, gamma=0.0, key=key)
     np.testing.assert_allclose(out, expected, rtol=1e-3, atol=2e-4)  # jit vs eager round-off
+    # gamma = 0 is deterministic: no noise at all, whatever the key (4 steps).
+    np.testing.assert_array_equal(
+        ctm.gamma_sample(den, v, z, None, num_steps=4, gamma=0.0, key=jax.random.key(8)),
+        ctm.gamma_sample(den, v, z, None, num_steps=4, gamma=0.0, key=jax.random.key(9)))
     # gamma = 1: consistency multistep: jump to sigma_min, re-noise to sigma_1, jump again.
     k1, _ = jax.random.split(key)
     x = ctm.jump(den, v, 80 * z, vec(80.0), vec(0.002))

@@ -48,3 +48,13 @@ def test_wrong_shape_is_a_clear_error():
     net = MLPDenoiser(dim=2)
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
         net.init(jax.random.key(0), jnp.ones((3, 5)), jnp.zeros((3,)))
+
+
+def test_image_inputs_are_flattened_and_restored():
+    net = MLPDenoiser(dim=8 * 8, hidden=16, depth=1, embed=8)
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+    v = _init_and_perturb(net, x, jnp.zeros((3,)))
+    out = net.apply(v, x, jnp.zeros((3,)))
+    assert out.shape == (3, 8, 8, 1)
+    np.testing.assert_allclose(out.reshape(3, -1), net.apply(v, x.reshape(3, -1), jnp.zeros((3,))),
+                               atol=1e-6)

@@ -210,16 +210,19 @@ def gamma_sample(denoiser, variables, noise, labels, *, num_steps: int, gamma: f
                  sigma_max: float = diffusion.SIGMA_MAX, rho: float = diffusion.RHO):
     """CTM gamma-sampling with `num_steps` jumps from sigma_max (NFE = num_steps)."""
     sigmas = diffusion.karras_sigmas(num_steps + 1, sigma_min, sigma_max, rho, append_zero=False)
+    sigmas = sigmas.at[-1].set(sigma_min)  # exact, so the last step adds no noise
     n = noise.shape[0]
     keys = jax.random.split(key, num_steps)
 
     def body(x, inputs):
         t, t_next, k = inputs
-        s = jnp.sqrt(1.0 - gamma**2) * (t_next - sigma_min) + sigma_min
+        gap = (1.0 - (1.0 - gamma**2) ** 0.5) * (t_next - sigma_min)  # t_next - s
+        s = t_next - gap
         x = jump(denoiser, variables, x, jnp.full((n,), t), jnp.full((n,), s), labels)
-        # On the last step t_next = s = sigma_min, so no noise is added.
-        return x + jnp.sqrt(jnp.maximum(t_next**2 - s**2, 0.0)) * jax.random.normal(
-            k, x.shape), None
+        # Re-noise with std sqrt(t_next^2 - s^2) = sqrt(gap (t_next + s)): written without
+        # cancellation so it is exactly 0 for gamma = 0 and on the last step (t_next = sigma_min),
+        # as in the official samplers, which add no noise there (cross-checked against sony/ctm).
+        return x + jnp.sqrt(gap * (t_next + s)) * jax.random.normal(k, x.shape), None
 
     x, _ = jax.lax.scan(body, noise * sigma_max, (sigmas[:-1], sigmas[1:], keys))
     return x
