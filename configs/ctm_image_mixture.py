@@ -16,9 +16,9 @@ def get_config():
     c.data.update(name="image_mixture", resolution=8, std=0.2)
     c.model.update(shape=(8, 8, 1), label_dim=0)
     c.network = dict(name="mlp", dim=64, hidden=256, depth=4, embed=64, s_embedding=True)
-    c.optim.update(lr=1e-3, lr_rampup_images=0)
-    c.train.update(batch_size=256, num_steps=3000, log_every=250, ckpt_every=1000,
-                   sample_every=3000, num_grid_samples=100)
+    c.optim.update(lr=5e-4, lr_rampup_images=0)
+    c.train.update(batch_size=256, num_steps=6000, log_every=500, ckpt_every=2000,
+                   sample_every=6000, num_grid_samples=100)
     c.sample.update(sampler="gamma", num_steps=1, gamma=0.0)
     c.eval.update(num_samples=1024, batch_size=512)
     return c
