@@ -9,7 +9,9 @@ Builds the config's `train.Program` on the current devices, feeds it synthetic b
       --config=configs/edm_cifar10.py --config.mesh.data=8 --config.train.batch_size=8
   ... --config.model.compute_dtype=bfloat16    ... --config.network.remat=True
 
-Every config field can be overridden with --config.a.b=value. Definitions:
+Every config field can be overridden with --config.a.b=value (after --config=...); a field the
+config lacks cannot be set (e.g. network.remat needs the config's network dict to define it).
+Definitions:
   - compile_s: wall time of `program.step.lower(state, teacher, batch, key).compile()` (teacher
     is None when the config trains a teacher, e.g. EDM);
   - step_s_*: median / min over --steps timed calls of that compiled step (after one warm-up),

@@ -54,6 +54,7 @@ def test_ctm_cifar10_trains_end_to_end_on_mock_data(tiny_teacher, tmp_path):
     cfg.network = dict(name="songunet", s_embedding=True, **TINY)
     cfg.method.distance = "pseudo_huber"
     cfg.method.num_heun_step = 3
+    cfg.method.gan_weight = 1.0  # step 1: generator with GAN, step 2: discriminator
     cfg.train.update(batch_size=8, num_steps=2, log_every=1, ckpt_every=2, sample_every=2,
                      num_grid_samples=4)
     cfg.eval.update(num_samples=8, batch_size=8)

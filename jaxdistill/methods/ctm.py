@@ -17,7 +17,16 @@ shared/research/ctm_dmd2_msd.md section 1):
   - gamma-sampling: s = sqrt(1 - gamma^2) (sigma_{i+1} - sigma_min) + sigma_min, x <- G(x, sigma_i, s),
     then re-noise to sigma_{i+1}; gamma = 0 is deterministic long jumps, gamma = 1 consistency
     multistep.
-The GAN term is not part of this module yet (see README status).
+  - GAN (config.method.gan_weight > 0): a projected discriminator (frozen random projections +
+    trainable multi-scale heads, jaxdistill.networks.discriminator) on frozen backbone features of
+    DiffAugment-ed images, hinge losses, real data as positives, fake = the CTM estimate
+    G_sg-(G_theta(x_t, t, s), s, sigma_min), generator weight ||grad_L L_CTM|| / ||grad_L L_G||
+    clipped to [0.01, 10], generator and discriminator steps alternating (g_learning_period = 2,
+    even steps generator), switched on at `gan_start_step` (e.g. after a CTM+DSM phase: the state
+    always carries the discriminator, so a CTM+DSM checkpoint resumes with the GAN on).
+    Backbone: the frozen teacher network's multi-scale encoder features (needs nothing downloaded);
+    CTM's DeiT / EfficientNet backbones are not implemented. Discriminator optimiser RAdam with
+    betas (0.5, 0.9) and lr 2e-3 (sony/ctm train_util.py).
 """
 from __future__ import annotations
 
@@ -28,9 +37,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdistill import diffusion, samplers
+from jaxdistill import augment, diffusion, samplers
 from jaxdistill.methods import common
-from jaxdistill.networks.discriminator import adaptive_weight
+from jaxdistill.networks.denoiser import EDMDenoiser
+from jaxdistill.networks.discriminator import (ProjectedDiscriminator, adaptive_weight,
+                                               hinge_d_loss, hinge_g_loss)
 
 
 @flax.struct.dataclass
@@ -41,6 +52,29 @@ class CTMState:
     ema_params: tuple         # evaluation EMAs, one per rate in config.method.eval_emas
     consts: Any
     opt_state: Any
+    disc_params: Any          # discriminator heads ({} when the teacher has no network)
+    disc_consts: Any          # the discriminator's frozen random projections
+    disc_opt_state: Any
+
+
+def make_disc_optimizer(config) -> optax.GradientTransformation:
+    mc = config.method
+    return optax.radam(mc.d_lr, b1=mc.d_b1, b2=mc.d_b2)
+
+
+def backbone_features(config, teacher_net, teacher, x):
+    """The frozen teacher network's multi-scale encoder features of images x (GAN backbone).
+
+    Images are shown to the teacher at the small noise level `config.method.gan_feature_sigma`.
+    """
+    sigma = jnp.full((x.shape[0],), config.method.gan_feature_sigma)
+    _, _, c_in, c_noise = diffusion.edm_precond(sigma)
+    label_dim = config.model.label_dim
+    labels = jnp.zeros((x.shape[0], label_dim)) if label_dim else None
+    _, inter = teacher_net.net.apply(teacher, diffusion.expand_to(c_in, x) * x, c_noise, labels,
+                                     mutable=["intermediates"])
+    # No stop_gradient: the generator's GAN gradient flows through the frozen backbone.
+    return list(inter["intermediates"]["encoder"])
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -61,9 +95,20 @@ def init(config, rng: jax.Array, teacher=None) -> CTMState:
     if teacher is not None:
         params = common.init_from_teacher(params, teacher)
     copy = lambda: jax.tree.map(jnp.copy, params)  # noqa: E731
+    disc_params, disc_consts = {}, {}
+    if config.teacher.kind == "checkpoint":
+        # Always built with a network teacher, so a CTM+DSM run can switch its GAN phase on.
+        feats = backbone_features(config, common.teacher_denoiser(config), teacher,
+                                  jnp.zeros((1,) + tuple(config.model.shape)))
+        disc_vars = dict(ProjectedDiscriminator().init({"params": jax.random.fold_in(rng, 1)},
+                                                        feats))
+        disc_params = disc_vars.pop("params")
+        disc_consts = disc_vars
     return CTMState(step=jnp.zeros((), jnp.int32), params=params, target_params=copy(),
                     ema_params=tuple(copy() for _ in config.method.eval_emas), consts=consts,
-                    opt_state=make_optimizer(config).init(params))
+                    opt_state=make_optimizer(config).init(params), disc_params=disc_params,
+                    disc_consts=disc_consts,
+                    disc_opt_state=make_disc_optimizer(config).init(disc_params))
 
 
 def jump(denoiser, variables, x, t, s, labels=None, *, train=False, rng=None):
@@ -147,9 +192,17 @@ def train_step(config):
         # Frozen weights from user-supplied files; a missing file fails here, before training.
         lpips_params = lpips.load_lpips_from_dir(mc.lpips_weights_dir)
 
+    gan = mc.gan_weight > 0
+    if gan and not isinstance(teacher_net, EDMDenoiser):
+        raise ValueError("config.method.gan_weight > 0 needs a network teacher for the "
+                         "discriminator's features: config.teacher.kind='checkpoint'")
+    disc = ProjectedDiscriminator()
+    d_tx = make_disc_optimizer(config)
+
     def step(state: CTMState, teacher, batch, rng):
         key = jax.random.fold_in(rng, state.step)
-        k_heun, k_idx, k_noise, k_drop, k_dsm, k_dsm_noise, k_dsm_drop = jax.random.split(key, 7)
+        (k_heun, k_idx, k_noise, k_drop, k_dsm, k_dsm_noise, k_dsm_drop, k_aug_fake,
+         k_aug_real) = jax.random.split(key, 9)
         x0 = batch["x"]
         n = x0.shape[0]
         labels = common.one_hot(batch["label"], config.model.label_dim)
@@ -161,46 +214,95 @@ def train_step(config):
         t, u, s = grid[n_t], grid[n_u], grid[n_s]
         x_t = x0 + diffusion.expand_to(t, x0) * jax.random.normal(k_noise, x0.shape)
 
-        # Target: teacher t -> u, stop-grad student u -> s, target network s -> sigma_min.
-        teacher_denoise = lambda x, sig: teacher_net(teacher, x, sig, labels)  # noqa: E731
-        x_u = teacher_solve(teacher_denoise, x_t, grid, n_t, k)
-        x_s_target = jump(denoiser, var(state.params), x_u, u, s, labels)
-        target = jax.lax.stop_gradient(
-            jump(denoiser, var(state.target_params), x_s_target, s, sigma_min, labels))
-
-        def ctm_loss(params):
+        def estimate_fn(params):
+            """G_sg-(G_theta(x_t, t, s), s, sigma_min): the CTM estimate and the GAN's fake."""
             x_s = jump(denoiser, var(params), x_t, t, s, labels, train=True, rng=k_drop)
-            estimate = jump(denoiser, var(state.target_params), x_s, s, sigma_min, labels)
-            return jnp.mean(distance(config, estimate, target, lpips_params))
+            return jump(denoiser, var(state.target_params), x_s, s, sigma_min, labels)
 
-        def dsm_loss(params):
-            sigma = dsm_sigmas(k_dsm, n, mc)
-            noisy = x0 + diffusion.expand_to(sigma, x0) * jax.random.normal(k_dsm_noise, x0.shape)
-            d = own_denoiser(denoiser, var(params), noisy, sigma, labels, train=True,
-                             rng=k_dsm_drop)
-            per_example = jnp.mean(((d - x0) ** 2).reshape(n, -1), axis=1)
-            return jnp.mean(diffusion.edm_loss_weight(sigma, config.model.sigma_data) * per_example)
+        def disc_logits(disc_params, images, aug_key):
+            if mc.diffaug and images.ndim == 4:  # DiffAugment is for images, not vectors
+                images = augment.diff_augment(aug_key, images, mc.diffaug)
+            feats = backbone_features(config, teacher_net, teacher, images)
+            return disc.apply({"params": disc_params, **state.disc_consts}, feats,
+                              return_map=True)
 
-        l_ctm, g_ctm = jax.value_and_grad(ctm_loss)(state.params)
-        l_dsm, g_dsm = jax.value_and_grad(dsm_loss)(state.params)
-        if mc.dsm_adaptive:
-            lam = adaptive_weight(common.last_layer_kernel(config, g_ctm),
-                                  common.last_layer_kernel(config, g_dsm), clip=None)
-        else:
-            lam = jnp.ones(())
-        lam = jax.lax.stop_gradient(lam) * mc.dsm_weight
-        grads = jax.tree.map(lambda a, b: a + lam * b, g_ctm, g_dsm)
-        grads = common.sanitize_grads(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        target_params = common.ema_update(state.target_params, params, mc.target_ema)
-        ema_params = tuple(common.ema_update(e, params, rate)
-                           for e, rate in zip(state.ema_params, mc.eval_emas))
-        metrics = {"loss": l_ctm + lam * l_dsm, "ctm_loss": l_ctm, "dsm_loss": l_dsm,
-                   "dsm_lambda": lam, "heun_steps": k.astype(jnp.float32),
-                   "grad_norm": optax.tree.norm(grads)}
-        return state.replace(step=state.step + 1, params=params, target_params=target_params,
-                             ema_params=ema_params, opt_state=opt_state), metrics
+        def generator_update(state):
+            # Target: teacher t -> u, stop-grad student u -> s, target network s -> sigma_min.
+            teacher_denoise = lambda x, sig: teacher_net(teacher, x, sig, labels)  # noqa: E731
+            x_u = teacher_solve(teacher_denoise, x_t, grid, n_t, k)
+            x_s_target = jump(denoiser, var(state.params), x_u, u, s, labels)
+            target = jax.lax.stop_gradient(
+                jump(denoiser, var(state.target_params), x_s_target, s, sigma_min, labels))
+
+            def dsm_loss(params):
+                sigma = dsm_sigmas(k_dsm, n, mc)
+                noisy = x0 + diffusion.expand_to(sigma, x0) * jax.random.normal(k_dsm_noise,
+                                                                                x0.shape)
+                d = own_denoiser(denoiser, var(params), noisy, sigma, labels, train=True,
+                                 rng=k_dsm_drop)
+                per_example = jnp.mean(((d - x0) ** 2).reshape(n, -1), axis=1)
+                return jnp.mean(diffusion.edm_loss_weight(sigma, config.model.sigma_data)
+                                * per_example)
+
+            # One forward of the estimate, pulled back for each loss that uses it.
+            estimate, pullback = jax.vjp(estimate_fn, state.params)
+            l_ctm, d_ctm = jax.value_and_grad(
+                lambda e: jnp.mean(distance(config, e, target, lpips_params)))(estimate)
+            (g_ctm,) = pullback(d_ctm)
+            l_dsm, g_dsm = jax.value_and_grad(dsm_loss)(state.params)
+            last = lambda g: common.last_layer_kernel(config, g)  # noqa: E731
+            lam = (adaptive_weight(last(g_ctm), last(g_dsm), clip=None) if mc.dsm_adaptive
+                   else jnp.ones(()))
+            lam = jax.lax.stop_gradient(lam) * mc.dsm_weight
+            grads = jax.tree.map(lambda a, b: a + lam * b, g_ctm, g_dsm)
+            metrics = {"ctm_loss": l_ctm, "dsm_loss": l_dsm, "dsm_lambda": lam}
+            loss = l_ctm + lam * l_dsm
+            if gan:
+                l_gan, d_gan = jax.value_and_grad(
+                    lambda e: hinge_g_loss(disc_logits(state.disc_params, e, k_aug_fake)))(
+                        estimate)
+                (g_gan,) = pullback(d_gan)
+                on = (state.step >= mc.gan_start_step).astype(jnp.float32)
+                lam_gan = on * mc.gan_weight * adaptive_weight(last(g_ctm), last(g_gan),
+                                                               clip=(0.01, 10.0))
+                grads = jax.tree.map(lambda a, b: a + lam_gan * b, grads, g_gan)
+                loss = loss + lam_gan * l_gan
+                metrics.update(gan_g_loss=l_gan, gan_lambda=lam_gan, d_loss=jnp.zeros(()))
+            grads = common.sanitize_grads(grads)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            target_params = common.ema_update(state.target_params, params, mc.target_ema)
+            ema_params = tuple(common.ema_update(e, params, rate)
+                               for e, rate in zip(state.ema_params, mc.eval_emas))
+            metrics.update(loss=loss, heun_steps=k.astype(jnp.float32),
+                           grad_norm=optax.tree.norm(grads))
+            return state.replace(step=state.step + 1, params=params, target_params=target_params,
+                                 ema_params=ema_params, opt_state=opt_state), metrics
+
+        def discriminator_update(state):
+            fake = jax.lax.stop_gradient(estimate_fn(state.params))
+
+            def d_loss(disc_params):
+                return hinge_d_loss(disc_logits(disc_params, x0, k_aug_real),
+                                    disc_logits(disc_params, fake, k_aug_fake))
+
+            l_d, g_d = jax.value_and_grad(d_loss)(state.disc_params)
+            updates, disc_opt_state = d_tx.update(common.sanitize_grads(g_d),
+                                                  state.disc_opt_state, state.disc_params)
+            zero = jnp.zeros(())
+            metrics = {"ctm_loss": zero, "dsm_loss": zero, "dsm_lambda": zero,
+                       "gan_g_loss": zero, "gan_lambda": zero, "d_loss": l_d, "loss": l_d,
+                       "heun_steps": zero, "grad_norm": optax.tree.norm(g_d)}
+            return state.replace(step=state.step + 1,
+                                 disc_params=optax.apply_updates(state.disc_params, updates),
+                                 disc_opt_state=disc_opt_state), metrics
+
+        if not gan:
+            return generator_update(state)
+        # Official alternation (g_learning_period = 2): even steps generator, odd discriminator.
+        is_d_step = ((state.step >= mc.gan_start_step)
+                     & (state.step % mc.g_learning_period == mc.g_learning_period - 1))
+        return jax.lax.cond(is_d_step, discriminator_update, generator_update, state)
 
     return step
 

@@ -21,6 +21,15 @@ def method_config(**overrides) -> mlc.ConfigDict:
         "dsm_max_position": 0.7,      # diffusion_mult: Karras-position half of the DSM sigmas
         "p_mean": -1.2,
         "p_std": 1.2,
+        # GAN phase (needs a network teacher: its encoder features are the backbone).
+        "gan_weight": 0.0,            # discriminator_weight; 0 = CTM+DSM only
+        "gan_start_step": 0,          # switch the GAN on at this step (e.g. resume a CTM+DSM run)
+        "g_learning_period": 2,       # generator on even steps, discriminator on odd ones
+        "d_lr": 2e-3,
+        "d_b1": 0.5,
+        "d_b2": 0.9,
+        "diffaug": "color,translation,cutout",
+        "gan_feature_sigma": 0.002,   # noise level at which the teacher sees images
     })
     c.update(overrides)
     return c

@@ -69,6 +69,8 @@ class MLPDenoiser(nn.Module):
             r = nn.silu(nn.LayerNorm(name=f"block{i}_norm")(h) + emb)
             r = nn.Dropout(self.dropout, deterministic=not train)(r)
             h = h + nn.Dense(self.hidden, name=f"block{i}_dense")(r)
+            # Per-block features for discriminator heads, shaped like 1x1 feature maps.
+            self.sow("intermediates", "encoder", h[:, None, None, :])
         features = h
         out = nn.Dense(self.dim, kernel_init=nn.initializers.zeros, name="output")(nn.silu(h))
         out = out.reshape((x.shape[0],) + example_shape)

@@ -179,6 +179,9 @@ class SongUNet(nn.Module):
             for idx in range(self.num_blocks):
                 x = run(block(mc * mult, attention=res in attn_res, name=f"{tag}_block{idx}"), x)
                 skips.append(x)
+            # Multi-scale encoder features for discriminator heads (read with
+            # mutable=['intermediates']; no cost unless asked for).
+            self.sow("intermediates", "encoder", x)
 
         # Decoder.  Blocks after in0/in1/up take [x, popped skip] on channels.
         features = None

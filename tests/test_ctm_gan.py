@@ -1,0 +1,91 @@
+"""CTM's GAN phase: alternating generator / discriminator steps on the teacher's features."""
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdistill import data, parallel, teacher as teacher_lib, train
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from test_edm import load_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mlp_teacher(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("edm2d"))
+    cfg = load_config("edm_mixture2d")
+    cfg.network.hidden = 32
+    cfg.train.update(batch_size=64, num_steps=20, log_every=10, ckpt_every=20, sample_every=20,
+                     num_grid_samples=64)
+    cfg.eval.update(num_samples=64, batch_size=64)
+    train.train(cfg, workdir)
+    return workdir, dict(cfg.network)
+
+
+def gan_config(teacher, gan_start_step=0):
+    workdir, teacher_net = teacher
+    cfg = load_config("ctm_mixture2d")
+    cfg.teacher.kind = "checkpoint"
+    cfg.teacher.checkpoint = workdir
+    cfg.teacher.network = teacher_net
+    cfg.network.hidden = 32
+    cfg.train.batch_size = 64
+    cfg.method.update(gan_weight=1.0, gan_start_step=gan_start_step, num_heun_step=4)
+    return cfg
+
+
+def run(cfg, num_steps):
+    tch = teacher_lib.load(cfg)
+    program = train.build(cfg, teacher=tch)
+    tch = train.place_teacher(program, tch)
+    state = program.init(jax.random.key(0), tch)
+    batches = data.batches(cfg.data, batch_size=64, seed=0)
+    history = [(jax.device_get(state), None)]
+    for _ in range(num_steps):
+        state, metrics = program.step(state, tch, parallel.shard_batch(next(batches),
+                                                                       program.mesh),
+                                      jax.random.key(1))
+        history.append((jax.device_get(state), jax.device_get(metrics)))
+    return history
+
+
+def changed(a, b):
+    return any(np.any(np.asarray(x) != np.asarray(y))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_generator_and_discriminator_alternate(mlp_teacher):
+    history = run(gan_config(mlp_teacher), 4)
+    for i in range(1, 5):
+        (before, _), (after, metrics) = history[i - 1], history[i]
+        if (i - 1) % 2 == 0:  # even step: generator
+            assert changed(before.params, after.params)
+            assert not changed(before.disc_params, after.disc_params)
+            assert 0.01 <= metrics["gan_lambda"] <= 10.0 and np.isfinite(metrics["gan_g_loss"])
+        else:                 # odd step: discriminator
+            assert changed(before.disc_params, after.disc_params)
+            assert not changed(before.params, after.params)
+            assert not changed(before.target_params, after.target_params)
+            assert np.isfinite(metrics["d_loss"]) and metrics["d_loss"] > 0
+        # The frozen random projections never change.
+        assert not changed(before.disc_consts, after.disc_consts)
+
+
+def test_gan_switches_on_at_its_start_step(mlp_teacher):
+    history = run(gan_config(mlp_teacher, gan_start_step=2), 4)
+    metrics = [m for _, m in history[1:]]  # metrics of steps 0..3
+    assert metrics[0]["gan_lambda"] == 0 and metrics[1]["gan_lambda"] == 0  # before the start
+    assert metrics[2]["gan_lambda"] >= 0.01                                   # step 2: G with GAN
+    assert not changed(history[0][0].disc_params, history[3][0].disc_params)  # steps 0-2: no D
+    assert changed(history[3][0].disc_params, history[4][0].disc_params)      # step 3: D
+
+
+def test_ctm_dsm_state_has_the_discriminator(mlp_teacher):
+    on, off = gan_config(mlp_teacher), gan_config(mlp_teacher)
+    off.method.gan_weight = 0.0
+    tch = teacher_lib.load(on)
+    shape = lambda c: jax.eval_shape(lambda k: train.methods.get("ctm").init(c, k, tch),  # noqa
+                                     jax.random.key(0))
+    assert jax.tree.structure(shape(on)) == jax.tree.structure(shape(off))
