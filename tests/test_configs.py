@@ -29,13 +29,16 @@ def test_config_validates_and_builds(name, arg):
                              jax.random.key(0))
     else:
         tch = teacher.load(cfg)
-    state = jax.eval_shape(lambda k: methods.get(cfg.method.name).init(cfg, k, tch),
-                           jax.random.key(0))
+    state = jax.eval_shape(lambda k, t: methods.get(cfg.method.name).init(cfg, k, t),
+                           jax.random.key(0), tch)
     count = sum(x.size for x in jax.tree.leaves(state.params))
     if (name, arg) in OFFICIAL_PARAMS:
         assert count == OFFICIAL_PARAMS[(name, arg)]
-    # The EMA and the Adam moments mirror the params.
-    assert sum(x.size for x in jax.tree.leaves(state.ema_params)) == count
+    # Every EMA mirrors the params (CTM keeps one per evaluation rate).
+    emas = state.ema_params if isinstance(state.ema_params, tuple) else (state.ema_params,)
+    assert all(sum(x.size for x in jax.tree.leaves(e)) == count for e in emas)
+    if cfg.method.name == "ctm":  # the student is the teacher's network plus the s-branch
+        assert any(k.endswith("_s") for k in state.params)
 
 
 def test_config_arg_is_checked():
