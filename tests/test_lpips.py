@@ -264,19 +264,6 @@ def test_pth_without_torch_says_how_to_get_it(tmp_path, monkeypatch):
     assert "convert_pth_to_npz" in str(e.value)
 
 
-def test_pth_round_trip_with_torch(params, tmp_path):
-    torch = pytest.importorskip("torch")
-    lin, vgg = _torch_layout(params)
-    torch.save({k: torch.from_numpy(v) for k, v in lin.items()}, tmp_path / "vgg.pth")
-    torch.save({k: torch.from_numpy(v) for k, v in vgg.items()}, tmp_path / "vgg16-397923af.pth")
-    loaded = L.load_lpips_from_dir(str(tmp_path))
-    for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    L.convert_pth_to_npz(str(tmp_path / "vgg.pth"), str(tmp_path / "vgg.npz"))
-    with np.load(tmp_path / "vgg.npz") as f:
-        np.testing.assert_array_equal(f["lin4.model.1.weight"], lin["lin4.model.1.weight"])
-
-
 def test_gradient_finite(params, images):
     x, y = images
     # Example 0: different images; example 1: identical images (zero distance). One call.
