@@ -27,7 +27,7 @@ def small_config():
 
 def run_steps(cfg, mesh, num_steps=3):
     program = train.build(cfg, mesh)
-    state = program.init(jax.random.key(0))
+    state = program.init(jax.random.key(0), None)
     batches = data.batches(cfg.data, batch_size=cfg.train.batch_size, seed=0)
     losses = []
     for _ in range(num_steps):
