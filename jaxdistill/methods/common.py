@@ -15,17 +15,21 @@ from jaxdistill import diffusion, networks, samplers
 from jaxdistill.networks.denoiser import EDMDenoiser
 
 
-def build_denoiser(config) -> EDMDenoiser:
-    """The EDM-preconditioned network named by `config.network` (name + constructor fields)."""
-    kwargs = {k: v for k, v in config.network.items() if k != "name"}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+def _denoiser_from(config, net_cfg, field: str) -> EDMDenoiser:
+    """The EDM-preconditioned network named by `net_cfg` (name + constructor fields)."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in net_cfg.items() if k != "name"}
     try:
-        net = networks.create(config.network.name, **kwargs)
+        net = networks.create(net_cfg.name, **kwargs)
     except TypeError as e:
-        raise ValueError(f"config.network has a field the network {config.network.name!r} "
-                         f"does not take: {e}") from None
+        raise ValueError(f"{field} has a field the network {net_cfg.name!r} does not take: "
+                         f"{e}") from None
     return EDMDenoiser(net, sigma_data=config.model.sigma_data,
                        compute_dtype=config.model.compute_dtype)
+
+
+def build_denoiser(config) -> EDMDenoiser:
+    """The trained network (student, or the teacher being trained) of `config.network`."""
+    return _denoiser_from(config, config.network, "config.network")
 
 
 def init_variables(config, denoiser: EDMDenoiser, rng: jax.Array) -> tuple[dict, dict]:
@@ -124,11 +128,7 @@ def teacher_denoiser(config):
     if config.teacher.kind == "analytic":
         return AnalyticTeacher()
     if config.teacher.kind == "checkpoint":
-        kwargs = {k: v for k, v in config.teacher.network.items() if k != "name"}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-        net = networks.create(config.teacher.network.name, **kwargs)
-        return EDMDenoiser(net, sigma_data=config.model.sigma_data,
-                           compute_dtype=config.model.compute_dtype)
+        return _denoiser_from(config, config.teacher.network, "config.teacher.network")
     raise ValueError(f"config.method.name={config.method.name!r} needs a teacher: set "
                      "config.teacher.kind to 'analytic' or 'checkpoint'")
 
