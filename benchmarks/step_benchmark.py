@@ -126,16 +126,35 @@ def peak_matmul_flops(n: int, repeats: int) -> float:
     return 2.0 * n**3 / statistics.median(times)
 
 
+def load_teacher(config):
+    """(teacher params, description). A checkpoint teacher without a path gets random weights of
+    `config.teacher.network`: step time does not depend on the teacher's weight values."""
+    import jax
+
+    from jaxdistill import teacher as teacher_lib
+    from jaxdistill.methods import common
+
+    if config.teacher.kind == "checkpoint" and not config.teacher.checkpoint:
+        cfg = config.copy_and_resolve_references()
+        cfg.unlock()
+        cfg.network = cfg.teacher.network
+        denoiser = common.build_denoiser(cfg)
+        params, consts = jax.jit(lambda k: common.init_variables(cfg, denoiser, k))(
+            jax.random.key(config.seed))
+        return {"params": params, **consts}, "random weights of config.teacher.network"
+    return teacher_lib.load(config), config.teacher.kind
+
+
 def benchmark(config, config_path: str, steps: int, matmul_size: int = 2048,
               matmul_repeats: int = 5) -> dict:
     """Measures the compiled train step of `config` on all current devices; returns the record."""
     import jax
 
-    from jaxdistill import parallel, teacher as teacher_lib, train
+    from jaxdistill import parallel, train
 
     load_start = os.getloadavg()[0]
     train.validate(config)
-    teacher = teacher_lib.load(config)  # None for teacher training (EDM)
+    teacher, teacher_source = load_teacher(config)  # None for teacher training (EDM)
     program = train.build(config, teacher=teacher)
     teacher = train.place_teacher(program, teacher)
     parallel.check_batch_size(config.train.batch_size, program.mesh)
@@ -155,7 +174,7 @@ def benchmark(config, config_path: str, steps: int, matmul_size: int = 2048,
     record = {
         "config": config_path,
         "method": config.method.name,
-        "teacher": config.teacher.kind,
+        "teacher": teacher_source,
         "network": config.network.name,
         "data": "synthetic",
         "batch_size": batch_size,
