@@ -238,7 +238,8 @@ def train(config, workdir: str):
                 if step % tc.ckpt_every == 0 or last or preempted or eval_metrics is not None:
                     # Never save a state whose loss went non-finite since the last check.
                     _check_finite(jax.device_get(metrics), step, workdir)
-                    save(step, eval_metrics)
+                    has_best = eval_metrics and config.eval.best_metric in eval_metrics
+                    save(step, eval_metrics if has_best else None)
                 if preempted:
                     logging.warning("preempted: saved step %d in %s, exiting", step, workdir)
                     break
