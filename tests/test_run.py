@@ -118,3 +118,25 @@ def test_missing_tfds_data_says_how_to_prepare(tmp_path):
     cfg.train.batch_size = 8
     with pytest.raises(FileNotFoundError, match="tfds build"):
         train.train(cfg, str(tmp_path / "work"))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from jaxdistill import data
+
+    real_batches = data.batches
+
+    def poisoned(*args, **kwargs):
+        for step, batch in enumerate(real_batches(*args, **kwargs)):
+            if step >= 14:  # the 15th batch onwards is NaN
+                batch = dict(batch, x=np.full_like(batch["x"], np.nan))
+            yield batch
+
+    monkeypatch.setattr(train.data, "batches", poisoned)
+    cfg = tiny_config(40)
+    cfg.train.ckpt_every = 10  # saves at 10; the NaN from step 15 is caught at the step-20 log
+    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint"):
+        train.train(cfg, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10"]
+    state, meta = train.load_state(cfg, str(tmp_path))
+    assert meta["step"] == 10
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
