@@ -1,4 +1,4 @@
-"""benchmarks/step_benchmark.py: its JSON has every field, consistent numbers, the true param count."""
+"""benchmarks/step_benchmark.py: every JSON field, consistent numbers, the true param count."""
 import json
 import math
 import os

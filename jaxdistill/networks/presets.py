@@ -15,7 +15,8 @@ from __future__ import annotations
 def _cifar10_songunet(label_dim: int, augment_dim: int) -> dict:
     return dict(img_resolution=32, in_channels=3, out_channels=3, label_dim=label_dim,
                 augment_dim=augment_dim, model_channels=128, channel_mult=(2, 2, 2),
-                channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.13)
+                channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.13,
+                remat=False)
 
 
 def ddpmpp_cifar10(label_dim: int = 0, augment_dim: int = 9) -> dict:
@@ -36,7 +37,7 @@ def adm_imagenet64(label_dim: int = 1000) -> dict:
     """EDM's ADM for class-conditional ImageNet 64x64 (no augmentation)."""
     return dict(img_resolution=64, in_channels=3, out_channels=3, label_dim=label_dim,
                 augment_dim=0, model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4,
-                num_blocks=3, attn_resolutions=(32, 16, 8), dropout=0.10)
+                num_blocks=3, attn_resolutions=(32, 16, 8), dropout=0.10, remat=False)
 
 
 def tiny_songunet(img_resolution: int = 16, in_channels: int = 1, label_dim: int = 0,
@@ -53,7 +54,7 @@ def tiny_songunet(img_resolution: int = 16, in_channels: int = 1, label_dim: int
                   model_channels=8, channel_mult=(1, 2), channel_mult_emb=2, num_blocks=1,
                   attn_resolutions=(img_resolution // 2,), dropout=0.0,
                   embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
-                  decoder_type="standard", resample_filter=(1, 1))
+                  decoder_type="standard", resample_filter=(1, 1), remat=False)
     kwargs.update(overrides)
     return kwargs
 
@@ -69,6 +70,7 @@ def tiny_dhariwal(img_resolution: int = 16, in_channels: int = 1, label_dim: int
     kwargs = dict(img_resolution=img_resolution, in_channels=in_channels,
                   out_channels=in_channels, label_dim=label_dim, augment_dim=0,
                   model_channels=8, channel_mult=(1, 2), channel_mult_emb=2, num_blocks=1,
-                  attn_resolutions=(img_resolution // 2,), dropout=0.0, channels_per_head=8)
+                  attn_resolutions=(img_resolution // 2,), dropout=0.0, channels_per_head=8,
+                  remat=False)
     kwargs.update(overrides)
     return kwargs
