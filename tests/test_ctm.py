@@ -144,6 +144,14 @@ def test_sharded_ctm_step_equals_single_device():
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
+def assert_modes_within_30_percent(cfg, state):
+    """Every mixture component receives its weight's share of 1-step samples, +-30%."""
+    mix = data.spec(cfg.data).mixture
+    x = compare.student_samples(cfg, state, jax.random.key(5), 4000, 1)
+    frac, _, _ = mixtures.mode_coverage(mix, x)
+    assert np.all(np.abs(np.asarray(frac) / np.asarray(mix.weights) - 1) < 0.3), frac
+
+
 @pytest.fixture(scope="module")
 def trained_2d(tmp_path_factory):
     cfg = load_config("ctm_mixture2d")
@@ -165,11 +173,7 @@ def test_one_step_student_beats_few_step_teacher_on_2d_mixture(trained_2d):
         assert s1["log_likelihood"] > few["log_likelihood"] + 20
     # 2-step gamma-sampling is no worse than 1 step (within sampling noise).
     assert s2["sliced_wasserstein"] < s1["sliced_wasserstein"] + 0.02
-    # Every component within +-30% of its weight.
-    mix = data.spec(cfg.data).mixture
-    x = compare.student_samples(cfg, state, jax.random.key(5), 4000, 1)
-    frac, _, _ = mixtures.mode_coverage(mix, x)
-    assert np.all(np.abs(np.asarray(frac) / np.asarray(mix.weights) - 1) < 0.3), frac
+    assert_modes_within_30_percent(cfg, state)
 
 
 @pytest.mark.slow
@@ -191,19 +195,15 @@ def test_one_step_student_on_image_mixture(tmp_path):
         assert s1["modes_covered"] == 10 and s1["mode_tv"] < few["mode_tv"]
     assert s1["log_likelihood"] > by[("teacher", "heun", 2)]["log_likelihood"] + 1000
     assert s2["sliced_wasserstein"] < s1["sliced_wasserstein"] + 0.02
-    mix = data.spec(cfg.data).mixture
-    frac, _, _ = mixtures.mode_coverage(mix, compare.student_samples(cfg, state, jax.random.key(5),
-                                                                     4000, 1))
-    assert np.all(np.abs(np.asarray(frac) / np.asarray(mix.weights) - 1) < 0.3), frac
+    assert_modes_within_30_percent(cfg, state)
 
 
 def test_ctm_resume_is_bit_identical(tmp_path):
+    from test_run import tiny_config
+
     def cfg_for(num_steps):
-        cfg = load_config("ctm_mixture2d")
-        cfg.network.hidden = 32
-        cfg.train.update(batch_size=64, num_steps=num_steps, log_every=10, ckpt_every=10,
-                         sample_every=1000, num_grid_samples=64)
-        cfg.eval.update(num_samples=64, batch_size=64)
+        cfg = tiny_config(num_steps, "ctm_mixture2d")
+        cfg.train.ckpt_every = 10
         return cfg
 
     train.train(cfg_for(10), str(tmp_path / "resumed"))

@@ -15,8 +15,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from test_edm import ROOT, load_config  # noqa: E402
 
 
-def tiny_config(num_steps):
-    cfg = load_config("edm_mixture2d")
+def tiny_config(num_steps, name="edm_mixture2d"):
+    cfg = load_config(name)
     cfg.network.hidden = 32
     cfg.train.update(batch_size=64, num_steps=num_steps, log_every=10, ckpt_every=20,
                      sample_every=40, num_grid_samples=256)

@@ -49,13 +49,15 @@ def lr_schedule(optim_cfg, batch_size: int):
     return lambda step: optim_cfg.lr * jnp.minimum(step / rampup_steps, 1.0)
 
 
-def make_optimizer(optim_cfg, batch_size: int) -> optax.GradientTransformation:
-    """Adam(b1, b2, eps) with EDM's warm-up; optional global-norm clipping (grad_clip > 0)."""
+def make_optimizer(optim_cfg, batch_size: int,
+                   optimizer=optax.adam) -> optax.GradientTransformation:
+    """`optimizer`(b1, b2, eps) (Adam for EDM, RAdam for CTM) with the warm-up schedule and
+    optional global-norm clipping (grad_clip > 0)."""
     chain = []
     if optim_cfg.get("grad_clip", 0.0) > 0:
         chain.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
-    chain.append(optax.adam(lr_schedule(optim_cfg, batch_size), b1=optim_cfg.b1, b2=optim_cfg.b2,
-                            eps=optim_cfg.eps))
+    chain.append(optimizer(lr_schedule(optim_cfg, batch_size), b1=optim_cfg.b1, b2=optim_cfg.b2,
+                           eps=optim_cfg.eps))
     return optax.chain(*chain)
 
 

@@ -78,11 +78,8 @@ def backbone_features(config, teacher_net, teacher, x):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-    oc = config.optim
-    chain = [optax.clip_by_global_norm(oc.grad_clip)] if oc.get("grad_clip", 0.0) > 0 else []
-    chain.append(optax.radam(common.lr_schedule(oc, config.train.batch_size), b1=oc.b1, b2=oc.b2,
-                             eps=oc.eps))
-    return optax.chain(*chain)
+    """The student's RAdam (sony/ctm), built by the shared optimizer factory."""
+    return common.make_optimizer(config.optim, config.train.batch_size, optimizer=optax.radam)
 
 
 def init(config, rng: jax.Array, teacher=None) -> CTMState:
