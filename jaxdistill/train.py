@@ -191,6 +191,12 @@ def train(config, workdir: str):
     batches = data.batches(config.data, batch_size=tc.batch_size // jax.process_count(),
                            seed=config.seed, start_step=start,
                            process_index=jax.process_index(), process_count=jax.process_count())
+    extra = getattr(program.method, "extra_batches", None)
+    extra = extra and extra(config, teacher, workdir, batch_size=tc.batch_size // jax.process_count(),
+                            seed=config.seed, start_step=start, process_index=jax.process_index(),
+                            process_count=jax.process_count())
+    if extra is not None:  # a method's own data stream (e.g. DMD's regression pairs)
+        batches = ({**b, **e} for b, e in zip(batches, extra))
     if state is None:
         state = program.init(k_init, teacher)
         logging.info("initialised %s from scratch", config.method.name)

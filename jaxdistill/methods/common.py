@@ -135,16 +135,22 @@ def teacher_denoiser(config):
                      "config.teacher.kind to 'analytic' or 'checkpoint'")
 
 
-def init_from_teacher(student_params, teacher_variables):
-    """Student params with every entry whose name and shape match the teacher's copied from it.
+def init_from_teacher(student_params, teacher_variables, collection: str | None = "params"):
+    """Student entries whose name and shape match the teacher's copied from it.
 
-    New branches (e.g. CTM's s-embedding) keep their fresh init (ctm-cifar10 cm_train.py copies
-    by name the same way). An analytic teacher has no network params: the student stays fresh.
+    `collection='params'` copies the trainable params; `collection=None` takes a dict of the other
+    collections (the consts of `init_variables`, e.g. NCSN++'s Fourier frequencies) and copies those
+    from the teacher's non-param collections. New branches (e.g. CTM's s-embedding) keep their
+    fresh init (ctm-cifar10 cm_train.py copies by name the same way). An analytic teacher has no
+    network variables: the student stays fresh.
     """
-    teacher_params = teacher_variables.get("params") if isinstance(teacher_variables, dict) else None
-    if teacher_params is None:
+    if not isinstance(teacher_variables, dict):
         return student_params
-    flat_teacher = dict(jax.tree_util.tree_flatten_with_path(teacher_params)[0])
+    teacher_tree = (teacher_variables.get(collection) if collection else
+                    {k: v for k, v in teacher_variables.items() if k != "params"})
+    if not teacher_tree:
+        return student_params
+    flat_teacher = dict(jax.tree_util.tree_flatten_with_path(teacher_tree)[0])
 
     def pick(path, leaf):
         t = flat_teacher.get(path)
