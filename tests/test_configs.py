@@ -35,7 +35,10 @@ def test_config_validates_and_builds(name, arg):
     if (name, arg) in OFFICIAL_PARAMS:
         assert count == OFFICIAL_PARAMS[(name, arg)]
     # Every EMA mirrors the params (CTM keeps one per evaluation rate).
-    emas = state.ema_params if isinstance(state.ema_params, tuple) else (state.ema_params,)
+    if cfg.method.name in ("dmd2", "msd"):  # no EMA; the fake score mirrors the generator
+        emas = (state.guide_params["fake"],)
+    else:
+        emas = state.ema_params if isinstance(state.ema_params, tuple) else (state.ema_params,)
     assert all(sum(x.size for x in jax.tree.leaves(e)) == count for e in emas)
     if cfg.method.name == "ctm":  # the student is the teacher's network plus the s-branch
         assert any(k.endswith("_s") for k in state.params)

@@ -74,6 +74,18 @@ def dm_loss(x: jax.Array, d_real: jax.Array, d_fake: jax.Array) -> jax.Array:
     return 0.5 * jnp.mean((x - jax.lax.stop_gradient(x - grad)) ** 2)
 
 
+def backward_simulate(generate, z: jax.Array, sigmas: jax.Array, k: jax.Array,
+                      key: jax.Array) -> jax.Array:
+    """The input of a K-step generator's k-th step (no gradient): from x = sigmas[0] z, k times
+    x <- generate(x, sigmas[i]) + sigmas[i + 1] n_i. k = 0 gives pure noise."""
+
+    def body(i, x):
+        x0 = generate(x, jnp.full((x.shape[0],), sigmas[i]))
+        return x0 + sigmas[i + 1] * jax.random.normal(jax.random.fold_in(key, i), x.shape)
+
+    return jax.lax.stop_gradient(jax.lax.fori_loop(0, k, body, z * sigmas[0]))
+
+
 def make_optimizers(config):
     """(generator, guidance) AdamW optimizers: config.optim and the same with guidance_lr."""
     oc = config.optim
@@ -190,6 +202,8 @@ def make_update(config):
                                                             state.guide_params["head"])}
             guide, guide_opt, _ = apply(guide_tx, g_guide, state.guide_opt_state,
                                         state.guide_params)
+            # The head waits for the GAN (AdamW's weight decay would move it even at zero grad).
+            guide = {"fake": guide["fake"], "head": state.guide_params["head"]}
             metrics = dict(zero_metrics(), tsm_loss=l_gen, loss=l_gen, fake_loss=l_fake,
                            gen_grad_norm=gnorm, gen_updated=jnp.ones(()))
             return state.replace(params=params, opt_state=opt_state, guide_params=guide,
@@ -203,11 +217,8 @@ def make_update(config):
                 return z * gen_sigmas[0], jnp.full((n_gen,), gen_sigmas[0])
             k = jax.random.randint(k_step, (), 0, mc.gen_steps)
             if mc.backward_simulation:
-                def body(i, x):
-                    x0 = denoiser(var(params), x, gen_sigmas[i], onehot_gen)
-                    return noised(jax.random.fold_in(k_noise, i), x0, gen_sigmas[i + 1])
-
-                x = jax.lax.stop_gradient(jax.lax.fori_loop(0, k, body, z * gen_sigmas[0]))
+                x = backward_simulate(lambda x, s: denoiser(var(params), x, s, onehot_gen), z,
+                                      gen_sigmas, k, k_noise)
             else:
                 # Real data of the batch noised to the k-th sigma (sd_unified_model without
                 # backward simulation).
@@ -283,10 +294,11 @@ def make_update(config):
                     total = total + mc.guidance_gan_weight * aux["guide_gan_loss"]
                 return total, aux
 
-            (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.guide_params)
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.guide_params)
             guide, guide_opt, gnorm = apply(guide_tx, grads, state.guide_opt_state,
                                             state.guide_params)
-            metrics = dict(metrics, **aux, guide_grad_norm=gnorm)
+            # 'loss': the fake-score side's total plus the generator's when it was updated.
+            metrics = dict(metrics, **aux, guide_grad_norm=gnorm, loss=metrics["loss"] + loss)
             return state.replace(guide_params=guide, guide_opt_state=guide_opt), metrics
 
         def distill_update(state):

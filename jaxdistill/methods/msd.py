@@ -43,9 +43,10 @@ def partition(config) -> list[list[int]]:
         size = label_dim // mc.num_students
         groups = [list(range(k * size, (k + 1) * size)) for k in range(mc.num_students)]
     flat = sorted(c for g in groups for c in g)
-    if flat != list(range(label_dim)) or len(groups) != mc.num_students:
+    if (flat != list(range(label_dim)) or len(groups) != mc.num_students
+            or not all(groups)):
         raise ValueError(f"config.method.partition must split classes 0..{label_dim - 1} into "
-                         f"{mc.num_students} groups with every class exactly once, got {groups}")
+                         f"{mc.num_students} non-empty groups with every class exactly once, got {groups}")
     return groups
 
 

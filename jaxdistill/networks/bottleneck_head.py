@@ -17,8 +17,13 @@ import jax
 import jax.numpy as jnp
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=min(32, channels), epsilon=1e-5)
+def _norm(channels: int, pixels: int) -> nn.GroupNorm:
+    """GroupNorm(32) as official (768 channels); fewer groups when a group would hold fewer than 4
+    values (a 1x1 map of 32 channels in 32 groups would normalise every value to 0)."""
+    groups = min(32, channels)
+    while groups > 1 and (channels % groups or (channels // groups) * pixels < 4):
+        groups -= 1
+    return nn.GroupNorm(num_groups=groups, epsilon=1e-5)
 
 
 class BottleneckClassifier(nn.Module):
@@ -28,16 +33,16 @@ class BottleneckClassifier(nn.Module):
     def __call__(self, features: jax.Array) -> jax.Array:
         c = features.shape[-1]
         if features.ndim == 2:
-            h = nn.silu(_norm(c)(nn.Dense(c, name="conv0")(features)))
-            h = nn.silu(_norm(c)(nn.Dense(c, name="conv1")(h)))
+            h = nn.silu(_norm(c, 1)(nn.Dense(c, name="conv0")(features)))
+            h = nn.silu(_norm(c, 1)(nn.Dense(c, name="conv1")(h)))
             return nn.Dense(1, name="out")(h)[:, 0]
         if features.ndim != 4 or min(features.shape[1:3]) < 2:
             raise ValueError("BottleneckClassifier needs (N, C) vectors or (N, H, W, C) maps with "
                              f"H, W >= 2, got {features.shape}")
         h = nn.Conv(c, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)), name="conv0")(features)
-        h = nn.silu(_norm(c)(h))
+        h = nn.silu(_norm(c, h.shape[1] * h.shape[2])(h))
         k = (h.shape[1], h.shape[2])
-        h = nn.silu(_norm(c)(nn.Conv(c, k, strides=k, padding="VALID", name="conv1")(h)))
+        h = nn.silu(_norm(c, 1)(nn.Conv(c, k, strides=k, padding="VALID", name="conv1")(h)))
         return jnp.mean(nn.Conv(1, (1, 1), name="out")(h), axis=(1, 2, 3))
 
 

@@ -1,0 +1,297 @@
+"""DMD2 / DMD / MSD: the DM gradient, TTUR, backward simulation, pairs, routing, quality, sharding."""
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+from jaxdistill import data, diffusion, parallel, teacher as teacher_lib, train
+from jaxdistill.data import mixtures, pairs
+from jaxdistill.eval import compare
+from jaxdistill.methods import common, dmd2, msd
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from test_ctm import assert_modes_within_30_percent  # noqa: E402
+from test_edm import load_config  # noqa: E402
+
+
+def test_dm_loss_gradient_is_the_normalised_score_difference():
+    x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+    d_real = x + jax.random.normal(jax.random.key(1), x.shape)
+    d_fake = x + 0.5 * jax.random.normal(jax.random.key(2), x.shape)
+    grad = jax.grad(dmd2.dm_loss)(x, d_real, d_fake)
+    w = np.mean(np.abs(np.asarray(x - d_real)), axis=(1, 2, 3), keepdims=True)
+    expected = np.asarray(d_fake - d_real) / w / x.size
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-9)
+    # Real and fake denoisers are constants: no gradient reaches them.
+    assert float(jnp.max(jnp.abs(jax.grad(dmd2.dm_loss, argnums=1)(x, d_real, d_fake)))) == 0.0
+
+
+def test_generator_gradient_vanishes_when_fake_score_equals_real_score():
+    """G(p) = p z; D_real exact; D_fake exact for the same mixture -> zero gradient, for a
+    different mixture -> a nonzero one along (D_fake - D_real)."""
+    ring = mixtures.ring2d()
+    other = mixtures.ring2d(radius=1.5)
+    z = jax.random.normal(jax.random.key(0), (64, 2))
+    noise = jax.random.normal(jax.random.key(1), (64, 2))
+    sigma = jnp.full((64,), 0.7)
+
+    def loss(p, fake_mix):
+        x = p * z
+        x_t = x + sigma[:, None] * noise
+        return dmd2.dm_loss(x, mixtures.denoise(ring, x_t, sigma),
+                            mixtures.denoise(fake_mix, x_t, sigma))
+
+    assert float(jax.grad(loss)(1.3, ring)) == 0.0
+    assert abs(float(jax.grad(loss)(1.3, other))) > 1e-4
+
+
+def test_sigma_tables():
+    table = dmd2.sigma_table(1000)
+    assert table[0] == pytest.approx(0.002, rel=1e-5) and table[-1] == pytest.approx(80.0)
+    assert bool(jnp.all(jnp.diff(table) > 0))
+    # DM-loss indices 20..980 give sigmas 0.00323 .. 72.05 (DMD2's min/max_step).
+    assert float(table[20]) == pytest.approx(0.00323, rel=2e-3)
+    assert float(table[980]) == pytest.approx(72.05, rel=2e-3)
+    np.testing.assert_allclose(dmd2.generator_sigmas(1), [80.0], rtol=1e-6)
+    s4 = dmd2.generator_sigmas(4)
+    np.testing.assert_allclose(s4, diffusion.karras_sigmas(5, append_zero=False)[:4])
+    assert s4.shape == (4,) and float(s4[-1]) > 0.002
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_backward_simulation_runs_k_generator_steps(k):
+    """With a generator that returns c * x, the k-th input is exactly the re-noising chain."""
+    sigmas = dmd2.generator_sigmas(4)
+    z = jax.random.normal(jax.random.key(0), (5, 3))
+    key = jax.random.key(1)
+    calls = []
+
+    def generate(x, s):
+        calls.append(s)
+        return 0.5 * x
+
+    out = dmd2.backward_simulate(generate, z, sigmas, jnp.asarray(k), key)
+    x = z * sigmas[0]
+    for i in range(k):
+        x = 0.5 * x + sigmas[i + 1] * jax.random.normal(jax.random.fold_in(key, i), x.shape)
+    np.testing.assert_allclose(out, x, rtol=1e-6)
+
+
+def _tiny(name="dmd2_mixture2d", **method):
+    cfg = load_config(name)
+    cfg.network.hidden = 32
+    cfg.train.batch_size = 32
+    cfg.optim.lr_rampup_images = 0   # DMD2's warm-up starts at lr 0: no change on step 0
+    cfg.method.update(method)
+    return cfg
+
+
+def _run(cfg, num_steps, mesh=None, teacher=None):
+    mesh = mesh or parallel.make_mesh(mlc.ConfigDict({"data": 1, "fsdp": 1}),
+                                      devices=jax.devices()[:1])
+    teacher = teacher_lib.load(cfg) if teacher is None else teacher
+    program = train.build(cfg, mesh, teacher)
+    teacher = train.place_teacher(program, teacher)
+    state = program.init(jax.random.key(0), teacher)
+    batches = data.batches(cfg.data, batch_size=cfg.train.batch_size, seed=0)
+    history = []
+    for _ in range(num_steps):
+        before = jax.device_get(state)
+        state, metrics = program.step(state, teacher, parallel.shard_batch(next(batches), mesh),
+                                      jax.random.key(1))
+        history.append((before, jax.device_get(state), jax.device_get(metrics)))
+    return state, history
+
+
+def _changed(a, b):
+    return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_ttur_updates_generator_every_fifth_step_and_guidance_every_step():
+    cfg = _tiny(tsm_steps=2)
+    _, history = _run(cfg, 14)
+    for i, (before, after, metrics) in enumerate(history):
+        gen_step = i < 2 or (i - 2) % 5 == 0        # TSM steps update both, then 1 in 5
+        assert _changed(before.params, after.params) == gen_step, i
+        assert float(metrics["gen_updated"]) == float(gen_step)
+        assert _changed(before.guide_params["fake"], after.guide_params["fake"]), i
+        # The GAN head trains only after TSM.
+        assert _changed(before.guide_params["head"], after.guide_params["head"]) == (i >= 2), i
+    assert int(history[-1][1].step) == 14
+
+
+def test_init_copies_the_teacher_network(tmp_path):
+    """With a network teacher, generator and fake score start as the teacher (by name)."""
+    from test_run import tiny_config
+
+    teacher_cfg = tiny_config(5, "edm_mixture2d")
+    train.train(teacher_cfg, str(tmp_path))
+    cfg = _tiny()
+    cfg.teacher.update(kind="checkpoint", checkpoint=str(tmp_path),
+                       network=mlc.ConfigDict(dict(teacher_cfg.network)))
+    cfg.network = mlc.ConfigDict(dict(teacher_cfg.network))
+    teacher = teacher_lib.load(cfg)
+    state = dmd2.init(cfg, jax.random.key(0), teacher)
+    for a, b, c in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.guide_params["fake"]),
+                       jax.tree.leaves(teacher["params"])):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, c)
+
+
+def test_regression_pairs_are_teacher_heun_outputs_and_resume(tmp_path):
+    cfg = _tiny()
+    mix = teacher_lib.load(cfg)
+    directory = str(tmp_path / "pairs")
+    pairs.build(cfg, mix, directory, num_pairs=1500, num_steps=12, seed=3)
+    z, y, _ = pairs.load(directory, 1500)
+    assert z.shape == y.shape == (1500, 2)
+    # y is the teacher's 12-step Heun solution from 80 z; Heun 12 steps is close to the ODE end:
+    # the outputs lie on the ring modes (log-likelihood close to the true samples').
+    assert float(jnp.mean(mixtures.log_prob(mix, y))) > -1.0
+    # A killed build resumes: a missing chunk is rebuilt identically; others are not touched.
+    first = np.load(f"{directory}/chunk_00001.npz")["y"]
+    (tmp_path / "pairs" / "chunk_00001.npz").unlink()
+    pairs.build(cfg, mix, directory, num_pairs=1500, num_steps=12, seed=3)
+    np.testing.assert_array_equal(np.load(f"{directory}/chunk_00001.npz")["y"], first)
+    with pytest.raises(ValueError, match="regression_pairs_dir"):
+        pairs.build(cfg, mix, directory, num_pairs=1500, num_steps=18, seed=3)
+    it = pairs.batches(directory, batch_size=32, seed=0, start_step=0, process_index=0,
+                       process_count=1)
+    b = next(it)
+    assert b["pair_noise"].shape == (32, 2) and b["pair_label"].shape == (32,)
+
+
+def test_dmd_regression_run_trains_towards_the_pairs(tmp_path):
+    """regression_weight > 0: the run builds its pairs and the regression loss falls."""
+    from test_run import tiny_config
+
+    cfg = tiny_config(60, "dmd2_mixture2d")
+    cfg.method.update(regression_weight=1.0, regression_pairs=1024, regression_heun_steps=8,
+                      distance="l2", tsm_steps=0, dfake_gen_update_ratio=1)
+    cfg.optim.lr_rampup_images = 0
+    state = train.train(cfg, str(tmp_path))
+    assert (tmp_path / "regression_pairs" / "chunk_00000.npz").exists()
+    z, y, labels = pairs.load(str(tmp_path / "regression_pairs"), 1024)
+    k_init = jax.random.split(jax.random.key(cfg.seed), 3)[0]
+    initial = dmd2.init(cfg, k_init, teacher_lib.load(cfg))
+
+    def reg_loss(s):
+        pred = common.build_denoiser(cfg)({"params": s.params, **s.consts}, z * 80.0,
+                                          jnp.full((1024,), 80.0))
+        return float(jnp.mean(jnp.sum((pred - y) ** 2, axis=1)))
+
+    assert reg_loss(state) < 0.6 * reg_loss(initial)
+
+
+@pytest.fixture(scope="module")
+def trained_2d(tmp_path_factory):
+    cfg = load_config("dmd2_mixture2d")
+    state = train.train(cfg, str(tmp_path_factory.mktemp("dmd2_2d")))
+    return cfg, state
+
+
+def test_one_step_generator_beats_few_step_teacher_on_2d_mixture(trained_2d):
+    """Measured (3000 steps, exact teacher): generator 1 step log-lik -1.99, SW 0.073;
+    teacher Euler 1 / 2 steps -74.5 / -74.2, SW 0.71; teacher Heun 35 NFE 0.08, SW 0.029."""
+    cfg, state = trained_2d
+    rows = compare.comparison_table(cfg, state, teacher_lib.load(cfg), jax.random.key(0), 4000)
+    print("\n" + compare.format_table(rows))
+    by = {(r["model"], r["sampler"], r["steps"]): r for r in rows}
+    s1 = by[("student", "generator", 1)]
+    for few in (by[("teacher", "euler", 1)], by[("teacher", "euler", 2)], by[("teacher", "heun", 2)]):
+        assert s1["sliced_wasserstein"] < 0.3 * few["sliced_wasserstein"]
+        assert s1["log_likelihood"] > few["log_likelihood"] + 20
+    assert_modes_within_30_percent(cfg, state)
+
+
+def test_dmd2_sharded_step_equals_single_device():
+    cfg = _tiny(tsm_steps=1, dfake_gen_update_ratio=2)
+    cfg.train.batch_size = 64
+    cfg.mesh.min_shard_size = 256
+    ref, ref_hist = _run(cfg, 3)
+    mesh = parallel.make_mesh(mlc.ConfigDict({"data": 2, "fsdp": 4}))
+    state, hist = _run(cfg, 3, mesh)
+    for (_, _, m), (_, _, m_ref) in zip(hist, ref_hist):
+        np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+
+
+def test_dmd2_resume_is_bit_identical(tmp_path):
+    from test_run import tiny_config
+
+    def cfg_for(num_steps):
+        cfg = tiny_config(num_steps, "dmd2_mixture2d")
+        cfg.method.tsm_steps = 4
+        cfg.train.ckpt_every = 7
+        return cfg
+
+    train.train(cfg_for(7), str(tmp_path / "resumed"))
+    resumed = train.train(cfg_for(16), str(tmp_path / "resumed"))
+    straight = train.train(cfg_for(16), str(tmp_path / "straight"))
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------------------------------------------------
+# MSD
+
+
+def test_msd_partition_covers_every_class_exactly_once():
+    cfg = load_config("msd_mixture2d")
+    groups = msd.partition(cfg)
+    assert sorted(c for g in groups for c in g) == list(range(cfg.model.label_dim))
+    assert len(groups) == cfg.method.num_students
+    owner = np.asarray(msd.route(cfg, jnp.arange(cfg.model.label_dim)))
+    for k, g in enumerate(groups):
+        assert np.all(owner[g] == k)
+    cfg.method.partition = ((0, 1, 2), (3, 4), (5, 6), (6, 7))   # class 6 twice
+    with pytest.raises(ValueError, match="exactly once"):
+        msd.partition(cfg)
+    cfg.method.partition = ((0, 1, 2, 3, 4, 5), (6,), (7,), ())     # a student with no class
+    with pytest.raises(ValueError, match="exactly once"):
+        msd.partition(cfg)
+    cfg.method.partition = ((0, 1, 2, 3, 4), (5,), (6,), (7,))       # unequal groups are allowed
+    assert [len(g) for g in msd.partition(cfg)] == [5, 1, 1, 1]
+
+
+def test_msd_students_train_on_their_classes_and_route_at_sampling():
+    cfg = load_config("msd_mixture2d")
+    cfg.network.hidden = 16
+    cfg.train.batch_size = 32
+    cfg.method.tsm_steps = 1
+    state, history = _run(cfg, 3)
+    k = cfg.method.num_students
+    assert state.params["input"]["kernel"].shape[0] == k and state.step.shape == ()
+    # Each student is its own network: after training their params differ.
+    kern = np.asarray(state.params["output"]["kernel"])
+    assert not np.allclose(kern[0], kern[1])
+    labels = jnp.arange(16) % cfg.model.label_dim
+    x, _ = msd.sample(cfg, state, jax.random.key(3), 16, labels)
+    owner = np.asarray(msd.route(cfg, labels))
+    for i in range(16):
+        one = jax.tree.map(lambda a: a[owner[i]], state.replace(step=jnp.zeros((k,), jnp.int32)))
+        xi, _ = dmd2.sample(cfg, one, jax.random.split(jax.random.key(3))[1], 16, labels)
+        np.testing.assert_allclose(x[i], xi[i], rtol=1e-5, atol=1e-6)
+
+
+def test_bottleneck_head_matches_official_shapes_and_depends_on_input():
+    from jaxdistill.networks.bottleneck_head import BottleneckClassifier
+
+    head = BottleneckClassifier()
+    feats = jax.random.normal(jax.random.key(0), (2, 8, 8, 768))
+    params = head.init(jax.random.key(1), feats)["params"]
+    # Official cls_pred_branch for the 8x8x768 ADM bottleneck: 4x4/2 conv, 4x4/4 conv, 1x1 conv.
+    assert params["conv0"]["kernel"].shape == (4, 4, 768, 768)
+    assert params["conv1"]["kernel"].shape == (4, 4, 768, 768)
+    assert params["out"]["kernel"].shape == (1, 1, 768, 1)
+    # Small vector / map features keep working groups: logits depend on the input.
+    for shape in [(4, 32), (4, 4, 4, 16)]:
+        x = jax.random.normal(jax.random.key(2), shape)
+        p = head.init(jax.random.key(3), x)
+        logits = head.apply(p, x)
+        assert logits.shape == (4,) and float(jnp.std(logits)) > 1e-3
