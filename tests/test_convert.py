@@ -309,3 +309,11 @@ def test_converted_teacher_trains_ctm_cifar10(tiny_ctm_setup, tmp_path):
     with tfds.testing.mock_data(num_examples=32):
         state = train.train(cfg, str(tmp_path))
     assert int(state.step) == 1
+
+
+def test_missing_teacher_names_the_converter(tmp_path):
+    cfg = base_config()
+    cfg.teacher.kind = "checkpoint"
+    cfg.teacher.checkpoint = str(tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match=r"python -m jaxdistill\.convert\.edm_pickle"):
+        teacher.load(cfg)
