@@ -296,7 +296,7 @@ def test_converted_teacher_serves_the_ctm_config(tiny_ctm_setup):
 
 @pytest.mark.slow
 def test_converted_teacher_trains_ctm_cifar10(tiny_ctm_setup, tmp_path):
-    # One CTM step of configs/ctm_cifar10.py through the trainer on TFDS mock data (~5 min on a
+    # One CTM step of configs/ctm_cifar10.py through the trainer on TFDS mock data (6.5 min on a
     # busy 2-core CPU, mostly compilation).
     import tensorflow_datasets as tfds
 

@@ -65,7 +65,7 @@ REQUIRED_KWARGS = ("img_resolution", "in_channels", "out_channels")
 _SEQUENCE_KWARGS = ("channel_mult", "attn_resolutions", "resample_filter")
 _FLOAT_KWARGS = ("dropout", "label_dropout")
 
-# Presets a bare state dict can be read with (name -> network config).
+# `jaxdistill.networks.presets` functions that can name the architecture of a bare state dict.
 STATE_DICT_PRESETS = ("adm_imagenet64", "ddpmpp_cifar10", "ncsnpp_cifar10")
 
 
