@@ -46,7 +46,8 @@ def _load_checkpoint(config) -> dict:
             f"teacher checkpoint not found: config.teacher.checkpoint={path!r} must be a run "
             "directory containing checkpoints/<step>/ — train one with "
             "`python run.py --config=configs/edm_*.py --workdir=DIR` (or convert an official EDM "
-            "pickle into that layout) and pass --config.teacher.checkpoint=DIR")
+            "pickle with `python -m jaxdistill.convert.edm_pickle EDM.pkl DIR`) and pass "
+            "--config.teacher.checkpoint=DIR")
     mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=("state", "meta"))
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
