@@ -36,12 +36,12 @@ def gan_config(teacher, gan_start_step=0):
     return cfg
 
 
-def run(cfg, num_steps):
+def run(cfg, num_steps, batch_size=64):
     tch = teacher_lib.load(cfg)
     program = train.build(cfg, teacher=tch)
     tch = train.place_teacher(program, tch)
     state = program.init(jax.random.key(0), tch)
-    batches = data.batches(cfg.data, batch_size=64, seed=0)
+    batches = data.batches(cfg.data, batch_size=batch_size, seed=0)
     history = [(jax.device_get(state), None)]
     for _ in range(num_steps):
         state, metrics = program.step(state, tch, parallel.shard_batch(next(batches),
@@ -89,3 +89,60 @@ def test_ctm_dsm_state_has_the_discriminator(mlp_teacher):
     shape = lambda c: jax.eval_shape(lambda k: train.methods.get("ctm").init(c, k, tch),  # noqa
                                      jax.random.key(0))
     assert jax.tree.structure(shape(on)) == jax.tree.structure(shape(off))
+
+
+@pytest.mark.slow  # ~100 s on a busy 2-core CPU (compiling both backbones' G and D steps)
+def test_gan_on_pretrained_backbones_trains_heads_only(tmp_path):
+    """CTM's official backbone pair (tiny DeiT + tiny EfficientNet-lite, weight files written here
+    from the torch references of test_backbones) on the 8x8 image mixture with its exact teacher:
+    one discriminator per backbone; the generator step moves the student, the discriminator step
+    moves both heads; the frozen parts never change and the pretrained weights are not in the
+    state (so in no optimizer)."""
+    import test_backbones as tb
+
+    tr = tb.torch_refs()
+    tr.torch.manual_seed(0)
+    deit_pth, _ = tr.save(tr.TDeiT(), tmp_path, "deit")
+    _, effnet_npz = tr.save(tr.TEffNet(), tmp_path, "effnet")
+    cfg = load_config("ctm_image_mixture")
+    cfg.network.update(hidden=32, depth=2)
+    cfg.method.update(tb.tiny_method_config(deit_pth, effnet_npz))
+    cfg.method.update(gan_weight=1.0, num_heun_step=4, eval_emas=(0.999,))
+    cfg.train.batch_size = 8
+    history = run(cfg, 2, batch_size=8)
+    (s0, _), (s1, m1), (s2, m2) = history
+    assert set(s0.disc_params) == {"deit", "efficientnet"}
+    assert changed(s0.params, s1.params) and not changed(s0.disc_params, s1.disc_params)
+    assert 0.01 <= m1["gan_lambda"] <= 10.0 and np.isfinite(m1["gan_g_loss"])
+    assert changed(s1.disc_params["deit"], s2.disc_params["deit"])
+    assert changed(s1.disc_params["efficientnet"], s2.disc_params["efficientnet"])
+    assert not changed(s1.params, s2.params) and np.isfinite(m2["d_loss"])
+    for a, b in ((s0, s1), (s1, s2)):
+        assert not changed(a.disc_consts, b.disc_consts)   # projections + DeiT readout convs
+    assert s0.disc_consts["deit"]["backbone"]["postprocess"]
+    pos_embed_shape = (1, (tb.D_SIZE // tb.D_PATCH) ** 2 + 2, tb.D_WIDTH)
+    assert all(leaf.shape != pos_embed_shape for leaf in jax.tree.leaves(s0))
+
+
+def test_gan_backbone_config_errors():
+    """Bad backbone settings fail when the step is built, naming the field; no compilation."""
+    from jaxdistill.methods import ctm
+
+    cfg = load_config("ctm_image_mixture")
+    cfg.method.update(gan_weight=1.0, gan_backbones=("deit", "efficientnet"))
+    with pytest.raises(FileNotFoundError, match="config.method.deit.weights"):
+        ctm.train_step(cfg)
+    cfg.method.gan_backbones = ("efficientnet",)
+    with pytest.raises(FileNotFoundError, match="config.method.efficientnet.weights"):
+        ctm.train_step(cfg)
+    for bad in (("vgg",), (), ("deit", "deit")):
+        cfg.method.gan_backbones = bad
+        with pytest.raises(ValueError, match="config.method.gan_backbones"):
+            ctm.train_step(cfg)
+    vectors = load_config("ctm_mixture2d")
+    vectors.method.gan_backbones = ("deit",)
+    with pytest.raises(ValueError, match="need images"):
+        ctm.gan_backbone_names(vectors)
+    cfg.method.d_optimizer = "sgd"
+    with pytest.raises(ValueError, match="config.method.d_optimizer"):
+        ctm.make_disc_optimizer(cfg)

@@ -24,9 +24,17 @@ shared/research/ctm_dmd2_msd.md section 1):
     clipped to [0.01, 10], generator and discriminator steps alternating (g_learning_period = 2,
     even steps generator), switched on at `gan_start_step` (e.g. after a CTM+DSM phase: the state
     always carries the discriminator, so a CTM+DSM checkpoint resumes with the GAN on).
-    Backbone: the frozen teacher network's multi-scale encoder features (needs nothing downloaded);
-    CTM's DeiT / EfficientNet backbones are not implemented. Discriminator optimiser RAdam with
-    betas (0.5, 0.9) and lr 2e-3 (sony/ctm train_util.py).
+    Backbones (`config.method.gan_backbones`), one discriminator each, losses averaged over them
+    (sony/ctm karras_diffusion.get_GAN_loss / enc_dec_lib.get_xl_feature, which also draws
+    separate DiffAugment parameters per backbone): "teacher" = the frozen teacher network's
+    multi-scale encoder features (default; needs nothing downloaded), "deit" / "efficientnet" =
+    CTM's official deit_base_distilled_patch16_224 + tf_efficientnet_lite0
+    (jaxdistill.networks.backbones) from user-supplied weight files.  Pretrained backbone weights
+    are read once when the step is built and stay outside the state (like the teacher: never
+    checkpointed, never in an optimizer; closed over by the step, so the compiled program holds
+    them as constants, as it does LPIPS's weights); their random frozen parts (DeiT readout
+    convs, the projections) live in `disc_consts`.  Discriminator optimiser RAdam with betas (0.5, 0.9) and
+    lr 2e-3 (sony/ctm train_util.py); `d_optimizer='adam'` gives the paper's Adam(0.5, 0.9).
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ import optax
 
 from jaxdistill import augment, diffusion, samplers
 from jaxdistill.methods import common
+from jaxdistill.networks import backbones
 from jaxdistill.networks.denoiser import EDMDenoiser
 from jaxdistill.networks.discriminator import (ProjectedDiscriminator, adaptive_weight,
                                                hinge_d_loss, hinge_g_loss)
@@ -52,14 +61,31 @@ class CTMState:
     ema_params: tuple         # evaluation EMAs, one per rate in config.method.eval_emas
     consts: Any
     opt_state: Any
-    disc_params: Any          # discriminator heads ({} when the teacher has no network)
-    disc_consts: Any          # the discriminator's frozen random projections
+    disc_params: Any          # {backbone: discriminator heads} ({} when not buildable)
+    disc_consts: Any          # {backbone: {"disc": projections, "backbone": random frozen parts}}
     disc_opt_state: Any
 
 
 def make_disc_optimizer(config) -> optax.GradientTransformation:
+    """RAdam (sony/ctm train_util.py) or Adam (the paper), lr d_lr, betas (d_b1, d_b2)."""
     mc = config.method
-    return optax.radam(mc.d_lr, b1=mc.d_b1, b2=mc.d_b2)
+    optimizers = {"radam": optax.radam, "adam": optax.adam}
+    if mc.d_optimizer not in optimizers:
+        raise ValueError(f"config.method.d_optimizer={mc.d_optimizer!r} is not radam or adam")
+    return optimizers[mc.d_optimizer](mc.d_lr, b1=mc.d_b1, b2=mc.d_b2)
+
+
+def gan_backbone_names(config) -> tuple:
+    """config.method.gan_backbones, checked."""
+    names = tuple(config.method.gan_backbones)
+    allowed = ("teacher",) + backbones.PRETRAINED
+    if not names or any(n not in allowed for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"config.method.gan_backbones={names!r}: give distinct names from "
+                         f"{allowed}")
+    if any(n in backbones.PRETRAINED for n in names) and len(config.model.shape) != 3:
+        raise ValueError(f"config.method.gan_backbones={names!r}: pretrained backbones need "
+                         f"images (config.model.shape={tuple(config.model.shape)})")
+    return names
 
 
 def backbone_features(config, teacher_net, teacher, x):
@@ -75,6 +101,29 @@ def backbone_features(config, teacher_net, teacher, x):
                                      mutable=["intermediates"])
     # No stop_gradient: the generator's GAN gradient flows through the frozen backbone.
     return list(inter["intermediates"]["encoder"])
+
+
+def init_backbone(config, name, key, teacher):
+    """(random frozen collections, zero feature maps of the right shapes) of backbone `name`."""
+    shape = tuple(config.model.shape)
+    if name == "teacher":
+        return {}, backbone_features(config, common.teacher_denoiser(config), teacher,
+                                     jnp.zeros((1,) + shape))
+    frozen, abstract = backbones.init_random(backbones.build(name, config.method), key, shape)
+    return frozen, [jnp.zeros(a.shape, a.dtype) for a in abstract]
+
+
+def feature_fn(config, name, teacher_net):
+    """(teacher, random frozen collections, images) -> feature maps of backbone `name`.
+
+    Pretrained weights are read here, once (a missing file fails before training), and closed
+    over: no optimizer ever sees them; gradients flow through them to the images.
+    """
+    if name == "teacher":
+        return lambda teacher, frozen, x: backbone_features(config, teacher_net, teacher, x)
+    backbone = backbones.build(name, config.method)
+    pretrained = backbone.load()
+    return lambda teacher, frozen, x: backbones.features(backbone, {**pretrained, **frozen}, x)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -93,14 +142,16 @@ def init(config, rng: jax.Array, teacher=None) -> CTMState:
         params = common.init_from_teacher(params, teacher)
     copy = lambda: jax.tree.map(jnp.copy, params)  # noqa: E731
     disc_params, disc_consts = {}, {}
-    if config.teacher.kind == "checkpoint":
-        # Always built with a network teacher, so a CTM+DSM run can switch its GAN phase on.
-        feats = backbone_features(config, common.teacher_denoiser(config), teacher,
-                                  jnp.zeros((1,) + tuple(config.model.shape)))
-        disc_vars = dict(ProjectedDiscriminator().init({"params": jax.random.fold_in(rng, 1)},
-                                                        feats))
-        disc_params = disc_vars.pop("params")
-        disc_consts = disc_vars
+    names = gan_backbone_names(config)
+    if "teacher" not in names or config.teacher.kind == "checkpoint":
+        # Always built when possible, so a CTM+DSM run can switch its GAN phase on.
+        k_gan = jax.random.fold_in(rng, 1)
+        for i, name in enumerate(names):
+            k_backbone, k_disc = jax.random.split(jax.random.fold_in(k_gan, i))
+            frozen, feats = init_backbone(config, name, k_backbone, teacher)
+            disc_vars = dict(ProjectedDiscriminator().init({"params": k_disc}, feats))
+            disc_params[name] = disc_vars.pop("params")
+            disc_consts[name] = {"disc": disc_vars, "backbone": frozen}
     return CTMState(step=jnp.zeros((), jnp.int32), params=params, target_params=copy(),
                     ema_params=tuple(copy() for _ in config.method.eval_emas), consts=consts,
                     opt_state=make_optimizer(config).init(params), disc_params=disc_params,
@@ -120,6 +171,11 @@ def own_denoiser(denoiser, variables, x, sigma, labels=None, *, train=False, rng
     """The student as a diffusion model: g(x, sigma, s = sigma)."""
     _, _, _, c_noise = diffusion.edm_precond(sigma)
     return denoiser(variables, x, sigma, labels, train=train, rng=rng, noise_labels_s=c_noise)
+
+
+def mean_over_backbones(losses) -> jax.Array:
+    """The official average of per-backbone GAN losses (sum / number of backbones)."""
+    return jnp.mean(jnp.stack(list(losses)))
 
 
 def sample_heun_steps(key: jax.Array, max_steps: int, multiplier: float = 1.0) -> jax.Array:
@@ -190,9 +246,12 @@ def train_step(config):
         lpips_params = lpips.load_lpips_from_dir(mc.lpips_weights_dir)
 
     gan = mc.gan_weight > 0
-    if gan and not isinstance(teacher_net, EDMDenoiser):
-        raise ValueError("config.method.gan_weight > 0 needs a network teacher for the "
-                         "discriminator's features: config.teacher.kind='checkpoint'")
+    names = gan_backbone_names(config)
+    if gan and "teacher" in names and not isinstance(teacher_net, EDMDenoiser):
+        raise ValueError("config.method.gan_weight > 0 with the 'teacher' GAN backbone needs a "
+                         "network teacher for the discriminator's features: "
+                         "config.teacher.kind='checkpoint' (or other config.method.gan_backbones)")
+    features = {name: feature_fn(config, name, teacher_net) for name in names} if gan else {}
     disc = ProjectedDiscriminator()
     d_tx = make_disc_optimizer(config)
 
@@ -217,11 +276,17 @@ def train_step(config):
             return jump(denoiser, var(state.target_params), x_s, s, sigma_min, labels)
 
         def disc_logits(disc_params, images, aug_key):
-            if mc.diffaug and images.ndim == 4:  # DiffAugment is for images, not vectors
-                images = augment.diff_augment(aug_key, images, mc.diffaug)
-            feats = backbone_features(config, teacher_net, teacher, images)
-            return disc.apply({"params": disc_params, **state.disc_consts}, feats,
-                              return_map=True)
+            """One (N, P) logits map per backbone, each on its own DiffAugment draw."""
+            logits = []
+            for i, name in enumerate(names):
+                x = images
+                if mc.diffaug and images.ndim == 4:  # DiffAugment is for images, not vectors
+                    x = augment.diff_augment(jax.random.fold_in(aug_key, i), images, mc.diffaug)
+                consts = state.disc_consts[name]
+                feats = features[name](teacher, consts["backbone"], x)
+                logits.append(disc.apply({"params": disc_params[name], **consts["disc"]}, feats,
+                                         return_map=True))
+            return logits
 
         def generator_update(state):
             # Target: teacher t -> u, stop-grad student u -> s, target network s -> sigma_min.
@@ -256,7 +321,8 @@ def train_step(config):
             loss = l_ctm + lam * l_dsm
             if gan:
                 l_gan, d_gan = jax.value_and_grad(
-                    lambda e: hinge_g_loss(disc_logits(state.disc_params, e, k_aug_fake)))(
+                    lambda e: mean_over_backbones(
+                        map(hinge_g_loss, disc_logits(state.disc_params, e, k_aug_fake))))(
                         estimate)
                 (g_gan,) = pullback(d_gan)
                 on = (state.step >= mc.gan_start_step).astype(jnp.float32)
@@ -280,8 +346,9 @@ def train_step(config):
             fake = jax.lax.stop_gradient(estimate_fn(state.params))
 
             def d_loss(disc_params):
-                return hinge_d_loss(disc_logits(disc_params, x0, k_aug_real),
-                                    disc_logits(disc_params, fake, k_aug_fake))
+                return mean_over_backbones(map(hinge_d_loss,
+                                               disc_logits(disc_params, x0, k_aug_real),
+                                               disc_logits(disc_params, fake, k_aug_fake)))
 
             l_d, g_d = jax.value_and_grad(d_loss)(state.disc_params)
             updates, disc_opt_state = d_tx.update(common.sanitize_grads(g_d),

@@ -28,8 +28,22 @@ def method_config(**overrides) -> mlc.ConfigDict:
         "d_lr": 2e-3,
         "d_b1": 0.5,
         "d_b2": 0.9,
+        "d_optimizer": "radam",       # radam (sony/ctm code) or adam (the paper's Adam(0.5, 0.9))
         "diffaug": "color,translation,cutout",
+        # Frozen feature networks, one projected discriminator each, losses averaged over them:
+        # "teacher" (the network teacher's encoder, nothing to download) and/or the official
+        # ("deit", "efficientnet") from user-supplied timm weight files (.pth or .npz).
+        "gan_backbones": ("teacher",),
         "gan_feature_sigma": 0.002,   # noise level at which the teacher sees images
+        "deit": mlc.ConfigDict({      # timm deit_base_distilled_patch16_224
+            "weights": "",            # path to its state dict (.pth or .npz)
+            "width": 768, "num_heads": 12, "patch_size": 16, "image_size": 224,
+            "hooks": (2, 5, 8, 11),   # tapped blocks (depth = last hook + 1)
+        }),
+        "efficientnet": mlc.ConfigDict({  # timm tf_efficientnet_lite0
+            "weights": "",            # path to its state dict (.pth or .npz)
+            "width_multiplier": 1.0, "depth_multiplier": 1.0, "image_size": 224,
+        }),
     })
     c.update(overrides)
     return c

@@ -53,18 +53,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdistill.networks.weights import torch_uniform as _torch_uniform
+
 # Official per-resolution channel table (pg_modules/discriminator.py, "midas channels").
 NFC_MIDAS = {4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
-
-
-def _torch_uniform(fan_in: int):
-    """PyTorch's default Conv2d/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (weight and bias)."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 def _snap_size(size: int) -> int:
