@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (the test extra installs it)
 
 from jaxdistill import teacher  # noqa: E402
 from jaxdistill.config import base_config  # noqa: E402

@@ -17,8 +17,8 @@ import time
 import numpy as np
 import pytest
 
-tf = pytest.importorskip('tensorflow')
-tfds = pytest.importorskip('tensorflow_datasets')
+import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
 
 from jaxdistill.data.tfds_images import TFDS_DATASETS, tfds_batches  # noqa: E402
 

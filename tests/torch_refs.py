@@ -1,5 +1,5 @@
 """PyTorch references for CTM's pretrained GAN backbones, with timm's parameter names and torch's
-own ops (imported only by tests, after `pytest.importorskip("torch")`).
+own ops (imported only by tests; torch is in the test extra).
 
 They follow timm (`vision_transformer.py` Block/Attention, `_efficientnet_blocks.py`,
 `layers/padding.py` pad_same / Conv2dSame) and sony/ctm (`feature_networks/vit.py` hooks, Slice
