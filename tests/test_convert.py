@@ -294,6 +294,30 @@ def test_converted_teacher_serves_the_ctm_config(tiny_ctm_setup):
     assert np.all(np.asarray(student["enc_32x32_block0"]["affine_s"]["kernel"]) == 7.0)  # fresh
 
 
+def test_converted_teacher_serves_the_dmd2_config(tiny_ctm_setup):
+    # configs/dmd2_cifar10.py on the converted teacher: generator and fake score start as the
+    # teacher, so the one-step generator G(z) = D(80 z; 80) reproduces the torch network at init.
+    import jax
+
+    from jaxdistill.methods import dmd2
+    from test_edm import load_config
+
+    ctm_cfg, net = tiny_ctm_setup
+    cfg = load_config("dmd2_cifar10")
+    cfg.teacher.checkpoint = ctm_cfg.teacher.checkpoint
+    cfg.teacher.network = ctm_cfg.teacher.network
+    cfg.network = ctm_cfg.teacher.network
+    state = dmd2.init(cfg, jax.random.key(0), teacher.load(cfg))
+    z = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.from_numpy(80 * z.transpose(0, 3, 1, 2)),
+                   torch.full((2,), 80.0)).numpy().transpose(0, 2, 3, 1)
+    for params in (state.params, state.guide_params["fake"]):
+        got = common.build_denoiser(cfg)({"params": params, **state.consts}, 80 * jnp.asarray(z),
+                                         jnp.full((2,), 80.0))
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
 @pytest.mark.slow
 def test_converted_teacher_trains_ctm_cifar10(tiny_ctm_setup, tmp_path):
     # One CTM step of configs/ctm_cifar10.py through the trainer on TFDS mock data (6.5 min on a
