@@ -4,7 +4,9 @@ Paper / official settings: Karras grid N = 18, teacher Heun steps k in 1..17 wei
 = teacher DDPM++ plus the s-embedding branch (initialised from the teacher by name), RAdam lr 4e-4,
 target EMA 0.999, evaluation EMAs 0.999 / 0.9999, LPIPS distance (VGG, average pooling, 224 px),
 DSM with the adaptive weight, global batch 384 (uncond) / 256 (cond), 50k CTM+DSM iterations
-(the official README: 10-50k, then a GAN phase of >= 30k; the GAN phase is not implemented yet),
+(the official README: 10-50k, then a GAN phase of >= 30k: resume with --config.method.gan_weight=1
+--config.method.gan_start_step=<step> and, for the official backbones, gan_backbones=('deit',
+'efficientnet') with their timm weight files),
 1-step gamma-sampling. `:cond` gives the class-conditional variant (the paper's FID 1.73 setting).
 
 Needs (nothing is downloaded):

@@ -1,7 +1,8 @@
 """CTM on ImageNet-64 (class-conditional) from the EDM ADM teacher (sony/ctm commands/
 CTM+DSM_command.sh): N = 40, k in 1..39 weighted by k, RAdam lr 4e-4 with global batch 1440 for the
 CTM+DSM phase (the official command's values), target EMA 0.999, evaluation EMAs 0.999 / 0.9999 /
-0.9999432189950708, LPIPS distance, 25k iterations before the GAN phase (not implemented yet).
+0.9999432189950708, LPIPS distance, 25k iterations before the GAN phase (method.gan_weight / gan_start_step /
+gan_backbones, as in configs/ctm_cifar10.py).
 
 Needs --config.teacher.checkpoint (EDM ADM teacher run directory, e.g. a converted
 edm-imagenet-64x64-cond-adm.pkl), --config.data.data_dir (tfds imagenet_resized/64x64) and

@@ -1,0 +1,202 @@
+"""The analytic-teacher benchmark: every distillation method on the 2-D ring and the 8x8 image
+mixture, whose exact teacher and exact metrics need no data or weights.
+
+For each data set: the teacher's own Euler and Heun samplers at 1, 2 and 4 steps and Heun at 18
+steps (35 NFE); each method's student trained with its shipped config (a fixed small CPU budget;
+`--budget` scales every run's step count) and sampled at 1, 2 and 4 steps. Metrics: mean
+log-likelihood under the true mixture, sliced Wasserstein to fresh true samples, mode TV and
+modes covered. Then MSD (4 students, class-conditional ring, one class per mode) beside one
+DMD2 student of the same size and of the same total steps, and beside 4 smaller students, with
+the class accuracy (share of samples that land in their label's mode).
+
+Writes <out>/gmm_table.json, <out>/gmm_table.md and <out>/gmm_table.png:
+
+  python benchmarks/gmm_table.py --out=benchmarks/results --workdir=/tmp/gmm_table
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import pathlib
+import time
+
+from absl import app, flags
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATASETS = {"mixture2d": "2-D ring (8 modes)", "image_mixture": "image mixture 8x8 (10 modes)"}
+METHOD_CONFIGS = {"ctm": "ctm_{data}", "dmd2": "dmd2_{data}"}
+STEPS = (1, 2, 4)
+
+_OUT = flags.DEFINE_string("out", "benchmarks/results", "Folder for the JSON, Markdown and PNG.")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/gmm_table", "Folder for the training runs.")
+_BUDGET = flags.DEFINE_float("budget", 1.0, "Multiplies every config's train.num_steps.")
+_SAMPLES = flags.DEFINE_integer("num_samples", 4000, "Samples per row.")
+_METHODS = flags.DEFINE_list("methods", list(METHOD_CONFIGS), "Methods to run.")
+_MSD = flags.DEFINE_bool("msd", True, "Run the MSD vs single-student comparison.")
+
+
+def load_config(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def train_config(cfg, workdir: str):
+    from jaxdistill import train
+
+    cfg = copy.deepcopy(cfg)
+    cfg.train.num_steps = max(1, int(cfg.train.num_steps * _BUDGET.value))
+    start = time.time()
+    state = train.train(cfg, workdir)
+    return cfg, state, time.time() - start
+
+
+def teacher_rows(cfg, key):
+    from jaxdistill import teacher as teacher_lib
+    from jaxdistill.eval import compare, sample_metrics
+
+    teacher = teacher_lib.load(cfg)
+    rows = []
+    for sampler, steps in [(s, n) for n in STEPS for s in ("euler", "heun")] + [("heun", 18)]:
+        x = compare.teacher_samples(cfg, teacher, key, _SAMPLES.value, sampler, steps)
+        nfe = steps if sampler == "euler" else 2 * steps - 1
+        rows.append({"model": f"teacher {sampler}", "steps": steps, "nfe": nfe,
+                     **sample_metrics(cfg.data, x, key)})
+    return rows
+
+
+def student_rows(name, cfg, state, key, seconds):
+    from jaxdistill.eval import compare, sample_metrics
+
+    rows = []
+    for steps in STEPS:
+        x = compare.student_samples(cfg, state, key, _SAMPLES.value, steps)
+        rows.append({"model": name, "steps": steps, "nfe": steps, "train_steps":
+                     cfg.train.num_steps, "train_seconds": round(seconds, 1),
+                     **sample_metrics(cfg.data, x, key)})
+    return rows
+
+
+def class_accuracy(cfg, state, key, n):
+    """Share of samples that land in the mode of their conditioning label (one class per mode)."""
+    import jax
+    import numpy as np
+
+    from jaxdistill import data, methods
+    from jaxdistill.data import mixtures
+
+    labels = jax.numpy.arange(n) % cfg.model.label_dim
+    x, _ = jax.jit(lambda s, k: methods.get(cfg.method.name).sample(cfg, s, k, n, labels))(
+        state, key)
+    mix = data.spec(cfg.data).mixture
+    assign = np.argmax(np.asarray(mixtures.component_log_probs(mix, x)), axis=1)
+    return float(np.mean(assign == np.asarray(labels))), x
+
+
+def msd_rows(key):
+    """MSD (4 students) vs one DMD2 student of the same network at the same total steps, and MSD
+    with 4 smaller students (TSM first), all on the class-conditional ring."""
+    import jax
+
+    from jaxdistill.eval import sample_metrics
+
+    base = load_config("msd_mixture2d")
+    single = load_config("dmd2_mixture2d")
+    single.model.label_dim = base.model.label_dim
+    single.network = copy.deepcopy(base.network)
+    small = copy.deepcopy(base)
+    small.network.hidden = base.network.hidden // 2
+    runs = [("MSD, 4 students", base), ("DMD2, 1 student (same network)", single),
+            (f"MSD, 4 students of width {small.network.hidden}", small)]
+    rows = []
+    for i, (name, cfg) in enumerate(runs):
+        cfg, state, seconds = train_config(cfg, os.path.join(_WORKDIR.value, f"msd_{i}"))
+        acc, x = class_accuracy(cfg, state, key, _SAMPLES.value)
+        params = sum(int(a.size) for a in jax.tree.leaves(state.params))
+        rows.append({"model": name, "steps": 1, "nfe": 1, "train_steps": cfg.train.num_steps,
+                     "train_seconds": round(seconds, 1), "generator_params": params,
+                     "class_accuracy": acc, **sample_metrics(cfg.data, x, key)})
+    return rows
+
+
+def markdown(results) -> str:
+    cols = ("log_likelihood", "sliced_wasserstein", "mode_tv", "modes_covered")
+    out = []
+    for data_name, rows in results["datasets"].items():
+        out += [f"### {DATASETS[data_name]}", "",
+                "| model | steps | NFE | log-likelihood | sliced W | mode TV | modes |",
+                "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            out.append(f"| {r['model']} | {r['steps']} | {r['nfe']} | "
+                       + " | ".join(_fmt(r[c]) for c in cols) + " |")
+        out.append("")
+    if results.get("msd"):
+        out += ["### MSD vs one student (class-conditional 2-D ring, 1 step)", "",
+                "| model | generator params (all students) | train steps | class accuracy | "
+                "log-likelihood | sliced W | mode TV |", "|---|---|---|---|---|---|---|"]
+        for r in results["msd"]:
+            out.append(f"| {r['model']} | {r['generator_params']} | {r['train_steps']} | "
+                       f"{r['class_accuracy']:.3f} | {_fmt(r['log_likelihood'])} | "
+                       f"{_fmt(r['sliced_wasserstein'])} | {_fmt(r['mode_tv'])} |")
+    return "\n".join(out) + "\n"
+
+
+def _fmt(v):
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.3g}" if abs(v) >= 1e4 else f"{v:.3f}"
+
+
+def plot(results, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results["datasets"]), figsize=(5.5 * len(results["datasets"]),
+                                                                   4))
+    for ax, (data_name, rows) in zip(list(getattr(axes, "flat", [axes])),
+                                     results["datasets"].items()):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            pts = sorted((r["nfe"], r["sliced_wasserstein"]) for r in rows if r["model"] == model)
+            style = "--" if model.startswith("teacher") else "-"
+            ax.plot(*zip(*pts), style, marker="o", label=model)
+        ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="sliced Wasserstein (lower is better)",
+               title=DATASETS[data_name])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv):
+    del argv
+    import jax
+
+    key = jax.random.key(0)
+    results = {"budget": _BUDGET.value, "num_samples": _SAMPLES.value, "datasets": {}}
+    for data_name in DATASETS:
+        rows = teacher_rows(load_config(METHOD_CONFIGS["ctm"].format(data=data_name)), key)
+        for method in _METHODS.value:
+            cfg = load_config(METHOD_CONFIGS[method].format(data=data_name))
+            cfg, state, seconds = train_config(cfg, os.path.join(_WORKDIR.value,
+                                                                 f"{method}_{data_name}"))
+            rows += student_rows(method.upper(), cfg, state, key, seconds)
+        results["datasets"][data_name] = rows
+    if _MSD.value:
+        results["msd"] = msd_rows(key)
+    os.makedirs(_OUT.value, exist_ok=True)
+    with open(os.path.join(_OUT.value, "gmm_table.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    table = markdown(results)
+    with open(os.path.join(_OUT.value, "gmm_table.md"), "w") as f:
+        f.write(table)
+    plot(results, os.path.join(_OUT.value, "gmm_table.png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    app.run(main)
