@@ -124,9 +124,10 @@ def generate(config, state, key: jax.Array, n: int, batch_size: int | None = Non
 def evaluate(config, state, key: jax.Array, n: int | None = None) -> dict:
     """Metrics of n fresh samples (exact metrics for analytic mixtures). Call on every process."""
     n = n or config.eval.num_samples
+    evaluation.check_files(config)
     k_gen, k_metric = jax.random.split(key)
     samples, _ = generate(config, state, k_gen, n)
-    return evaluation.sample_metrics(config.data, samples, k_metric)
+    return evaluation.sample_metrics(config, samples, k_metric)
 
 
 class _Preemption:

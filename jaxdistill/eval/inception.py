@@ -32,6 +32,7 @@ Params are a plain pytree mirroring torch's module names, e.g.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Mapping, Sequence
 
@@ -259,6 +260,7 @@ def inception_outputs(params, images: jax.Array, input_range: str = "[-1,1]") ->
 _BN_KEYS = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
+@functools.lru_cache(maxsize=1)
 def _abstract_params():
     return jax.eval_shape(lambda: InceptionV3().init(
         jax.random.key(0), jnp.zeros((1, RESOLUTION, RESOLUTION, 3)))["params"])
@@ -302,12 +304,12 @@ def init_inception_params(seed: int = 0):
     for path, leaf in zip(paths, leaves):
         if path[-1] == "kernel":
             fan_in = int(np.prod(leaf.shape[:-1]))
-            value = rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)
+            value = rng.standard_normal(leaf.shape, np.float32) * np.float32(np.sqrt(2 / fan_in))
         elif path[-1] in ("scale", "var"):
-            value = np.ones(leaf.shape)
+            value = np.ones(leaf.shape, np.float32)
         else:
-            value = np.zeros(leaf.shape)
-        out.append(jnp.asarray(value, jnp.float32))
+            value = np.zeros(leaf.shape, np.float32)
+        out.append(jnp.asarray(value))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
