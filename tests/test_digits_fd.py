@@ -12,6 +12,9 @@ from jaxdistill.eval import digits_fd
 
 @pytest.mark.parametrize("resolution", [8, 16])
 def test_classifier_accuracy_and_fd(resolution):
+    """Measured FD_digits (800 vs 800 images): resolution 8: real vs held-out real 2.5, real +
+    N(0, 0.5^2) noise 35, one class 490, uniform noise 640; resolution 16: 4.3, 64, 994, 1514.
+    Held-out accuracy 0.986 / 0.989."""
     t0 = time.time()
     _, accuracy = digits_fd.trained_classifier(resolution)
     print(f"res {resolution}: classifier trained in {time.time() - t0:.1f} s, "
@@ -38,3 +41,15 @@ def test_deterministic():
     p2, a2 = digits_fd.trained_classifier(8)
     assert a1 == a2
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)))
+
+
+def test_digits_eval_reports_fd_digits():
+    import configs.edm_digits as edm_digits
+
+    from jaxdistill.eval import sample_metrics
+
+    cfg = edm_digits.get_config()
+    images, _ = digits.load_digits(cfg.data.resolution)
+    m = sample_metrics(cfg, images[:512], jax.random.key(0))
+    assert set(m) == {"sliced_wasserstein", "fd_digits"}
+    assert m["fd_digits"] < 10.0  # real digits (measured 4.3 for 800 vs 800 at 16x16)
