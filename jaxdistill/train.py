@@ -112,11 +112,17 @@ def generate(config, state, key: jax.Array, n: int, batch_size: int | None = Non
     fn = jax.jit(lambda s, k: method.sample(config, s, k, batch_size),
                  out_shardings=parallel.replicated(mesh))
     xs, labels = [], []
-    for i in range(0, n, batch_size):
+    t0, num_batches = time.time(), -(-n // batch_size)
+    for b, i in enumerate(range(0, n, batch_size)):
         x, lab = fn(state, jax.random.fold_in(key, i))
         xs.append(np.asarray(x))
         if lab is not None:
             labels.append(np.asarray(lab))
+        if num_batches >= 20 and (b + 1) % (num_batches // 20) == 0:  # progress, ~20 lines
+            done = min(i + batch_size, n)
+            rate = done / max(time.time() - t0, 1e-9)
+            logging.info("generated %d/%d samples (%.1f samples/s, ETA %.0f s)", done, n, rate,
+                         (n - done) / rate)
     x = np.concatenate(xs)[:n]
     return x, (np.concatenate(labels)[:n] if labels else None)
 
