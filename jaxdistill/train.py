@@ -41,6 +41,9 @@ def validate(config) -> None:
     if config.model.compute_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.model.compute_dtype={config.model.compute_dtype!r} must be "
                          "'float32' or 'bfloat16'")
+    if config.eval.feature_batch_size < 1 or config.eval.pr_k < 1:
+        raise ValueError(f"config.eval.feature_batch_size={config.eval.feature_batch_size} and "
+                         f"config.eval.pr_k={config.eval.pr_k} must be positive")
     methods.get(config.method.name)
 
 

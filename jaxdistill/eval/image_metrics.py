@@ -6,6 +6,10 @@ those values (`input_range="[0,255]"`); the feature statistics are float64 and F
 reference .npz in EDM's layout. Reference statistics (`reference_stats`, `run.py
 --mode=ref_stats`) go over every image of the config's TFDS split once, unflipped, as EDM's
 `fid.py ref` does over the training set. The published numbers use 50,000 generated images.
+Inception Score uses the bias-free logits (see eval/inception.py), 10 splits. Precision / recall
+compare the first min(N, M) generated samples with the M reference features stored in the
+reference file (`eval.pr_num_features`, default 10,000; EDM's own files have none, so then no
+precision / recall is reported).
 
 Extraction runs in fixed-size batches, each split over every device of the mesh
 (`parallel.batch_sharding`, Inception params replicated); the last batch is padded. Every process
