@@ -116,3 +116,29 @@ def test_missing_files_fail_before_sampling(tmp_path, weights):
     cfg.eval.inception_weights = ""
     check_files(cfg)  # nothing configured: nothing to check, no metrics
     assert sample_metrics(cfg, np.zeros((4, 32, 32, 3), np.float32), jax.random.key(0)) == {}
+
+
+def test_cli_ref_stats_mode(tmp_path, weights, protocol, capsys, monkeypatch):
+    """`run.py --mode=ref_stats` in-process (tfds mock data does not reach a subprocess).
+    ml_collections registers the --config.* override flags from sys.argv, once per process."""
+    import sys
+
+    from absl import flags
+
+    import run
+
+    out = str(tmp_path / "cli_ref.npz")
+    argv = ["run.py", "--config=configs/edm_cifar10.py", f"--workdir={tmp_path}",
+            "--mode=ref_stats", f"--config.data.data_dir={tmp_path / 'tfds'}",
+            f"--config.eval.inception_weights={weights}", f"--config.eval.ref_stats={out}",
+            "--config.eval.feature_batch_size=8"]
+    monkeypatch.setattr(sys, "argv", argv)
+    flags.FLAGS(argv)
+    try:
+        with tfds.testing.mock_data(num_examples=12):
+            run.main(["run.py"])
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert "wrote reference statistics of 12 images" in capsys.readouterr().out
+    np.testing.assert_allclose(fid.load_stats(out)["mu"],
+                               fid.load_stats(protocol[0].eval.ref_stats)["mu"], rtol=1e-6)
