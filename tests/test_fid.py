@@ -1,7 +1,6 @@
 """FID / IS / precision-recall against closed forms and configurations with known answers."""
 import numpy as np
 import pytest
-import scipy.linalg
 
 from jaxdistill.eval import fid
 

@@ -3,7 +3,8 @@
 pytorch-fid's `InceptionV3` is built for real (its `fid_inception_v3` with the FID block patches),
 with the state dict it would download replaced by one of a randomly initialised torchvision
 Inception3 (same keys) whose BatchNorm running statistics and affine params are made random and
-non-trivial (He-normal weights keep activations O(1), so the errors below are meaningful). The same state dict is saved as .pth and loaded by our loader.
+non-trivial (He-normal weights keep activations O(1), so the errors below are meaningful). The
+same state dict is saved as .pth and loaded by our loader.
 """
 import os
 import subprocess

@@ -2,10 +2,10 @@
 
 The FID recipe (Heusel et al. 2017) with the Inception network replaced by an MLP trained here on
 scikit-learn's 8x8 digits (jaxdistill.data.digits; no download): features are the 64-d
-penultimate layer before its ReLU (no dead
-units, so the covariances have full rank), distances `fid.frechet_distance` of float64 Gaussian fits. The classifier
-is trained deterministically (fixed split, init and full-batch Adam; a few seconds on a CPU) at
-the resolution of the samples, on 80% of the 1797 images; the other 20% measure its accuracy.
+penultimate layer before its ReLU (no dead units, so the covariances have full rank), distances
+`fid.frechet_distance` of float64 Gaussian fits. The classifier is trained deterministically
+(fixed split, init and full-batch AdamW; a few seconds on a CPU) at the resolution of the
+samples, on 80% of the 1797 images; the other 20% measure its accuracy.
 Numbers are comparable only between runs at the same resolution (and this code version).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The FID Inception-v3 (TensorFlow graph inception-2015-12-05) in Flax, NHWC, with its weight loader.
+"""The FID Inception-v3 (TF graph inception-2015-12-05) in Flax, NHWC, with its weight loader.
 
 What is computed (the network every published FID / IS number uses, Heusel et al. 2017; Salimans
 et al. 2016), as pytorch-fid reproduces it (github.com/mseitzer/pytorch-fid, file
