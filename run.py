@@ -3,6 +3,9 @@
   python run.py --config=configs/edm_digits.py --workdir=/tmp/run            # train / resume
   python run.py --config=... --workdir=/tmp/run --mode=sample --num_samples=64 --output=s.npz
   python run.py --config=... --workdir=/tmp/run --mode=eval                  # metrics JSON
+  python run.py --config=configs/edm_cifar10.py --workdir=/tmp/run --mode=ref_stats \
+      --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth \
+      --config.eval.ref_stats=/tmp/cifar10-32x32.npz                        # FID reference
 Every config field can be overridden: --config.optim.lr=3e-4 --config.train.num_steps=100.
 """
 from __future__ import annotations
@@ -18,7 +21,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "ref_stats"],
+                          "What to do: train / resume, write samples, score samples of the "
+                          "newest checkpoint, or write FID reference statistics of the config's "
+                          "TFDS data set to config.eval.ref_stats.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "Samples to write in --mode=sample.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output .npz for --mode=sample "
                               "(default WORKDIR/samples.npz).")
@@ -83,6 +89,13 @@ def main(argv):
     elif _MODE.value == "sample":
         _write_samples(config, workdir, _NUM_SAMPLES.value,
                        _OUTPUT.value or os.path.join(workdir, "samples.npz"))
+    elif _MODE.value == "ref_stats":
+        from jaxdistill.eval import image_metrics
+
+        train.validate(config)
+        stats = image_metrics.reference_stats(config, config.eval.ref_stats)
+        print(f"wrote reference statistics of {stats['num_images']} images to "
+              f"{config.eval.ref_stats}")
     else:
         train.validate(config)
         state, meta = train.load_state(config, workdir)

@@ -42,9 +42,16 @@ def base_config() -> mlc.ConfigDict:
                                "rho": diffusion.RHO, "s_churn": 0.0, "s_min": 0.0,
                                "s_max": float("inf"), "s_noise": 1.0, "eta": 0.0,
                                "guidance_scale": 1.0})
-    # best_metric: an eval metric (e.g. 'sliced_wasserstein') whose best checkpoint is kept.
+    # best_metric: an eval metric (e.g. 'sliced_wasserstein', 'fid') whose best checkpoint is kept.
+    # TFDS image data: inception_weights = pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or
+    # its .npz), ref_stats = reference .npz (EDM's fid-refs or run.py --mode=ref_stats, which
+    # writes it from ref_num_images images of data.split, 0 = all, keeping pr_num_features
+    # features for precision / recall with k = pr_k); feature_batch_size images per Inception
+    # batch (split over the mesh).
     c.eval = mlc.ConfigDict({"num_samples": 2048, "batch_size": 512, "best_metric": "",
-                             "best_mode": "min"})
+                             "best_mode": "min", "inception_weights": "", "ref_stats": "",
+                             "feature_batch_size": 200, "ref_num_images": 0,
+                             "pr_num_features": 10_000, "pr_k": 3})
     # Device mesh (data, fsdp); -1 = all remaining devices. Arrays smaller than min_shard_size
     # elements stay replicated.
     c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1, "min_shard_size": 2**14})

@@ -41,6 +41,9 @@ def validate(config) -> None:
     if config.model.compute_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.model.compute_dtype={config.model.compute_dtype!r} must be "
                          "'float32' or 'bfloat16'")
+    if config.eval.feature_batch_size < 1 or config.eval.pr_k < 1:
+        raise ValueError(f"config.eval.feature_batch_size={config.eval.feature_batch_size} and "
+                         f"config.eval.pr_k={config.eval.pr_k} must be positive")
     methods.get(config.method.name)
 
 
@@ -112,11 +115,17 @@ def generate(config, state, key: jax.Array, n: int, batch_size: int | None = Non
     fn = jax.jit(lambda s, k: method.sample(config, s, k, batch_size),
                  out_shardings=parallel.replicated(mesh))
     xs, labels = [], []
-    for i in range(0, n, batch_size):
+    t0, num_batches = time.time(), -(-n // batch_size)
+    for b, i in enumerate(range(0, n, batch_size)):
         x, lab = fn(state, jax.random.fold_in(key, i))
         xs.append(np.asarray(x))
         if lab is not None:
             labels.append(np.asarray(lab))
+        if num_batches >= 20 and (b + 1) % (num_batches // 20) == 0:  # progress, ~20 lines
+            done = min(i + batch_size, n)
+            rate = done / max(time.time() - t0, 1e-9)
+            logging.info("generated %d/%d samples (%.1f samples/s, ETA %.0f s)", done, n, rate,
+                         (n - done) / rate)
     x = np.concatenate(xs)[:n]
     return x, (np.concatenate(labels)[:n] if labels else None)
 
@@ -124,9 +133,10 @@ def generate(config, state, key: jax.Array, n: int, batch_size: int | None = Non
 def evaluate(config, state, key: jax.Array, n: int | None = None) -> dict:
     """Metrics of n fresh samples (exact metrics for analytic mixtures). Call on every process."""
     n = n or config.eval.num_samples
+    evaluation.check_files(config)
     k_gen, k_metric = jax.random.split(key)
     samples, _ = generate(config, state, k_gen, n)
-    return evaluation.sample_metrics(config.data, samples, k_metric)
+    return evaluation.sample_metrics(config, samples, k_metric)
 
 
 class _Preemption:

@@ -293,3 +293,18 @@ def test_real_tfrecords_sharding_determinism_resume(tiny_dir, monkeypatch):
     assert ids(8) == p0  # deterministic, file shuffling included
     assert ids(8, seed=1) != p0
     assert ids(6, start_step=2) == p0[6:]
+
+
+def test_tfds_epoch_reads_every_example_once_in_order(tmp_path):
+    from jaxdistill.data.tfds_images import tfds_epoch
+
+    fake = Fake('cifar10', 11)
+    with tfds.testing.mock_data(as_dataset_fn=_fake_as_dataset(fake.n, fake.calls)):
+        batches = list(tfds_epoch('cifar10', data_dir=str(tmp_path), batch_size=4))
+        first7 = list(tfds_epoch('cifar10', data_dir=str(tmp_path), batch_size=4,
+                                 max_examples=7))
+    assert [len(b) for b in batches] == [4, 4, 3]  # the last batch is partial, nothing repeats
+    assert all(b.dtype == np.uint8 for b in batches)
+    np.testing.assert_array_equal(np.concatenate(batches), fake.images)  # file order, no flips
+    np.testing.assert_array_equal(np.concatenate(first7), fake.images[:7])
+    assert not any(c.get('shuffle_files') for c in fake.calls)

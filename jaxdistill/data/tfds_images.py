@@ -158,3 +158,35 @@ def tfds_batches(name: str, *, split: str = 'train', data_dir: str | None, batch
     ds = ds.prefetch(tf.data.AUTOTUNE)
     ds = ds.with_options(options)
     return iter(tfds.as_numpy(ds))
+
+
+def tfds_epoch(name: str, *, split: str = 'train', data_dir: str | None, batch_size: int,
+               max_examples: int = 0) -> Iterator[np.ndarray]:
+    """One pass over a split in file order: uint8 image batches (B, H, W, C), the last one partial.
+
+    For reference statistics (EDM's `fid.py ref` reads every training image once, unflipped).
+    Every process reads the whole split, so all hold the same batches (the feature extractor
+    then splits each batch over the mesh). `max_examples` > 0 stops after that many examples.
+    """
+    if name not in TFDS_DATASETS:
+        raise ValueError(f'unknown dataset {name!r}; known: {sorted(TFDS_DATASETS)}')
+    tfds_name, _, _ = TFDS_DATASETS[name]
+
+    import tensorflow as tf  # lazy: importing this module must stay cheap
+    import tensorflow_datasets as tfds
+
+    _hide_accelerators_from_tf(tf)
+    options = tf.data.Options()
+    options.deterministic = True
+    try:
+        ds = tfds.load(tfds_name, split=split, data_dir=data_dir, download=False,
+                       shuffle_files=False, read_config=tfds.ReadConfig(options=options))
+    except AssertionError as e:
+        if 'could not find data' in str(e):
+            raise _missing_data_error(name, tfds_name, data_dir, e) from e
+        raise
+    ds = ds.map(lambda ex: ex['image'])
+    if max_examples > 0:
+        ds = ds.take(max_examples)
+    ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return iter(tfds.as_numpy(ds))

@@ -47,16 +47,17 @@ def comparison_table(config, state, teacher, key: jax.Array, n: int,
         x = teacher_samples(config, teacher, k_t, n, sampler, steps)
         nfe = steps if sampler == "euler" else 2 * steps - 1
         rows.append({"model": "teacher", "sampler": sampler, "steps": steps, "nfe": nfe,
-                     **sample_metrics(config.data, x, k_m)})
+                     **sample_metrics(config, x, k_m)})
     for steps in student_steps:
         x = student_samples(config, state, k_s, n, steps)
         rows.append({"model": "student", "sampler": config.sample.sampler, "steps": steps,
-                     "nfe": steps, **sample_metrics(config.data, x, k_m)})
+                     "nfe": steps, **sample_metrics(config, x, k_m)})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    keys = [k for k in ("log_likelihood", "sliced_wasserstein", "mode_tv", "modes_covered")
+    keys = [k for k in ("log_likelihood", "sliced_wasserstein", "mode_tv", "modes_covered",
+                        "fd_digits", "fid", "inception_score", "precision", "recall")
             if k in rows[0]]
     head = "| model | sampler | steps | NFE | " + " | ".join(keys) + " |"
     lines = [head, "|" + "---|" * (4 + len(keys))]
