@@ -64,7 +64,7 @@ def teacher_rows(cfg, key):
         x = compare.teacher_samples(cfg, teacher, key, _SAMPLES.value, sampler, steps)
         nfe = steps if sampler == "euler" else 2 * steps - 1
         rows.append({"model": f"teacher {sampler}", "steps": steps, "nfe": nfe,
-                     **sample_metrics(cfg.data, x, key)})
+                     **sample_metrics(cfg, x, key)})
     return rows
 
 
@@ -76,7 +76,7 @@ def student_rows(name, cfg, state, key, seconds):
         x = compare.student_samples(cfg, state, key, _SAMPLES.value, steps)
         rows.append({"model": name, "steps": steps, "nfe": steps, "train_steps":
                      cfg.train.num_steps, "train_seconds": round(seconds, 1),
-                     **sample_metrics(cfg.data, x, key)})
+                     **sample_metrics(cfg, x, key)})
     return rows
 
 
@@ -118,7 +118,7 @@ def msd_rows(key):
         params = sum(int(a.size) for a in jax.tree.leaves(state.params))
         rows.append({"model": name, "steps": 1, "nfe": 1, "train_steps": cfg.train.num_steps,
                      "train_seconds": round(seconds, 1), "generator_params": params,
-                     "class_accuracy": acc, **sample_metrics(cfg.data, x, key)})
+                     "class_accuracy": acc, **sample_metrics(cfg, x, key)})
     return rows
 
 
