@@ -14,7 +14,7 @@ config lacks cannot be set (e.g. network.remat needs the config's network dict t
 Definitions:
   - compile_s: wall time of `program.step.lower(state, teacher, batch, key).compile()` (teacher
     is None when the config trains a teacher, e.g. EDM);
-  - step_s_*: median / min over --steps timed calls of that compiled step (after one warm-up),
+  - step_s_*: median / min / mean over --steps timed calls of that compiled step (after one warm-up),
     each ended by `jax.block_until_ready`; images_per_s = batch_size / step_s_median;
   - *_bytes_per_device: XLA's `compiled.memory_analysis()` (per device). On CPU its
     peak_memory_in_bytes leaves out the temp buffers (measured: a jit with 4 MB of arguments and
@@ -195,6 +195,9 @@ def benchmark(config, config_path: str, steps: int, matmul_size: int = 2048,
         "step_s_all": times,
         "step_s_median": step_s,
         "step_s_min": min(times),
+        # Methods with alternating branches (DMD2's TTUR, CTM's GAN) differ step to step: the
+        # mean over a whole cycle of timed steps is the throughput that training sees.
+        "step_s_mean": statistics.mean(times),
         "images_per_s": batch_size / step_s,
         "images_per_s_per_device": batch_size / step_s / n_dev,
         **memory_fields(compiled),
