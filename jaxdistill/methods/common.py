@@ -166,3 +166,34 @@ def last_layer_kernel(config, tree):
             "songunet": f"dec_{net.get('img_resolution', 0)}x{net.get('img_resolution', 0)}_aux_conv"
             }[net.name]
     return tree[name]["kernel"]
+
+
+def distance_params(config):
+    """The frozen LPIPS weights when `config.method.distance == 'lpips'` (read from user-supplied
+    files; a missing file fails here, before training), else None."""
+    if config.method.distance != "lpips":
+        return None
+    from jaxdistill.networks import lpips
+
+    return lpips.load_lpips_from_dir(config.method.lpips_weights_dir)
+
+
+def distance(config, a, b, lpips_params=None):
+    """Per-example distance between two batches (`config.method.distance`): l2 (mean squared),
+    pseudo_huber or lpips. CTM's loss and DMD's regression loss."""
+    mc = config.method
+    n = a.shape[0]
+    diff = (a - b).reshape(n, -1)
+    if mc.distance == "l2":
+        return jnp.mean(diff**2, axis=1)
+    if mc.distance == "pseudo_huber":
+        # c = 0.00054 sqrt(d) (Song & Dhariwal 2023, improved consistency training) unless set.
+        c = mc.huber_c or 0.00054 * diff.shape[1] ** 0.5
+        return jnp.sqrt(jnp.sum(diff**2, axis=1) + c**2) - c
+    if mc.distance == "lpips":
+        from jaxdistill.networks import lpips
+
+        # CTM uses piq.LPIPS(replace_pooling=True) and DMD piq's LPIPS too: VGG with average
+        # pooling, inputs bilinearly resized to 224 (sony/ctm code/cm/enc_dec_lib.py).
+        return lpips.lpips_distance(lpips_params, a, b, pooling="avg")
+    raise ValueError(f"config.method.distance={mc.distance!r} is not l2, pseudo_huber or lpips")

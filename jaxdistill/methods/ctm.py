@@ -202,26 +202,6 @@ def teacher_solve(teacher_denoise, x, grid, n_t, k):
     return jax.lax.fori_loop(0, k, body, x)
 
 
-def distance(config, a, b, lpips_params=None):
-    """Per-example distance between two batches: l2 (mean squared), pseudo_huber or lpips."""
-    mc = config.method
-    n = a.shape[0]
-    diff = (a - b).reshape(n, -1)
-    if mc.distance == "l2":
-        return jnp.mean(diff**2, axis=1)
-    if mc.distance == "pseudo_huber":
-        # c = 0.00054 sqrt(d) (Song & Dhariwal 2023, improved consistency training) unless set.
-        c = mc.huber_c or 0.00054 * diff.shape[1] ** 0.5
-        return jnp.sqrt(jnp.sum(diff**2, axis=1) + c**2) - c
-    if mc.distance == "lpips":
-        from jaxdistill.networks import lpips
-
-        # CTM uses piq.LPIPS(replace_pooling=True): VGG with average pooling, inputs bilinearly
-        # resized to 224 (sony/ctm code/cm/enc_dec_lib.py).
-        return lpips.lpips_distance(lpips_params, a, b, pooling="avg")
-    raise ValueError(f"config.method.distance={mc.distance!r} is not l2, pseudo_huber or lpips")
-
-
 def dsm_sigmas(key: jax.Array, n: int, mc):
     """First half lognormal(P_mean, P_std), second half Karras position in [0, 0.7]."""
     k_ln, k_kp = jax.random.split(key)
@@ -238,12 +218,7 @@ def train_step(config):
     teacher_net = common.teacher_denoiser(config)
     tx = make_optimizer(config)
     grid = diffusion.karras_sigmas(mc.num_scales, append_zero=False)
-    lpips_params = None
-    if mc.distance == "lpips":
-        from jaxdistill.networks import lpips
-
-        # Frozen weights from user-supplied files; a missing file fails here, before training.
-        lpips_params = lpips.load_lpips_from_dir(mc.lpips_weights_dir)
+    lpips_params = common.distance_params(config)
 
     gan = mc.gan_weight > 0
     names = gan_backbone_names(config)
@@ -309,7 +284,7 @@ def train_step(config):
             # One forward of the estimate, pulled back for each loss that uses it.
             estimate, pullback = jax.vjp(estimate_fn, state.params)
             l_ctm, d_ctm = jax.value_and_grad(
-                lambda e: jnp.mean(distance(config, e, target, lpips_params)))(estimate)
+                lambda e: jnp.mean(common.distance(config, e, target, lpips_params)))(estimate)
             (g_ctm,) = pullback(d_ctm)
             l_dsm, g_dsm = jax.value_and_grad(dsm_loss)(state.params)
             last = lambda g: common.last_layer_kernel(config, g)  # noqa: E731

@@ -39,7 +39,6 @@ import optax
 
 from jaxdistill import diffusion, samplers
 from jaxdistill.methods import common
-from jaxdistill.methods.ctm import distance
 from jaxdistill.networks import bottleneck_head
 from jaxdistill.networks.bottleneck_head import BottleneckClassifier
 
@@ -141,11 +140,7 @@ def make_update(config):
     max_step = int(mc.max_step_percent * mc.num_train_timesteps)
     gan = uses_gan(config)
     regression = mc.regression_weight > 0
-    lpips_params = None
-    if regression and mc.distance == "lpips":
-        from jaxdistill.networks import lpips
-
-        lpips_params = lpips.load_lpips_from_dir(mc.lpips_weights_dir)
+    lpips_params = common.distance_params(config) if regression else None
 
     def real_denoise(teacher, x, sigma, onehot):
         d = functools.partial(teacher_net, teacher)
@@ -255,8 +250,8 @@ def make_update(config):
                     s_max = jnp.full((batch["pair_noise"].shape[0],), gen_sigmas[0])
                     pred = denoiser(var(p), batch["pair_noise"] * gen_sigmas[0], s_max,
                                     common.one_hot(batch["pair_label"], label_dim))
-                    aux["reg_loss"] = jnp.mean(distance(config, pred, batch["pair_target"],
-                                                        lpips_params))
+                    aux["reg_loss"] = jnp.mean(
+                        common.distance(config, pred, batch["pair_target"], lpips_params))
                     total = total + mc.regression_weight * aux["reg_loss"]
                 return total, aux
 
