@@ -333,3 +333,21 @@ def test_four_step_generator_trains_with_backward_simulation():
     c = dmd2.generate_steps(den, v, z, None, dmd2.generator_sigmas(1), jax.random.key(1))
     d = dmd2.generate_steps(den, v, z, None, dmd2.generator_sigmas(1), jax.random.key(2))
     np.testing.assert_array_equal(c, d)
+
+
+@pytest.mark.parametrize("name", ["dhariwal", "songunet"])
+def test_bottleneck_features_are_the_encoder_output(name):
+    """DMD2's classifier reads the encoder's last output (return_bottleneck), not the decoder's
+    first blocks; cross-checked against tianweiy/DMD2 (see the README)."""
+    from jaxdistill import networks
+    from jaxdistill.networks import presets
+
+    kw = (presets.tiny_dhariwal(img_resolution=16, in_channels=1) if name == "dhariwal" else
+          presets.tiny_songunet(img_resolution=16, in_channels=1))
+    net = networks.create(name, **kw)
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+    t = jnp.array([0.1, 0.5])
+    variables = net.init(jax.random.key(1), x, t)
+    (_, feats), inter = net.apply(variables, x, t, return_features=True,
+                                  mutable=["intermediates"])
+    np.testing.assert_array_equal(feats, inter["intermediates"]["encoder"][-1])

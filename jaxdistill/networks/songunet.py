@@ -45,7 +45,7 @@ class SongUNet(nn.Module):
     Call: `apply(variables, x, noise_labels, class_labels=None, *, train=False,
     noise_labels_s=None, guidance=None, cond=None, augment_labels=None, return_features=False)`
     with x (N, R, R, in_channels).  Returns (N, R, R, out_channels), or `(out, features)` with
-    the lowest-resolution activations after the decoder's `in0`/`in1` blocks.
+    the encoder's lowest-resolution output (DMD2's bottleneck, before the decoder's in0/in1).
     NCSN++ (embedding_type 'fourier') has a "buffers" collection that `apply` needs as well.
     As in EDM, class_labels are ignored when label_dim=0, and augment_labels=None means no
     augmentation (what sampling uses).
@@ -184,7 +184,9 @@ class SongUNet(nn.Module):
             self.sow("intermediates", "encoder", x)
 
         # Decoder.  Blocks after in0/in1/up take [x, popped skip] on channels.
-        features = None
+        # Bottleneck features: the encoder's output, before the decoder's in0/in1 blocks
+        # (DMD2's `return_bottleneck`, tianweiy/DMD2 third_party/edm/training/networks.py).
+        features = x
         out = None
         for level, mult in reversed(list(enumerate(mults))):
             res = res0 >> level
@@ -193,7 +195,6 @@ class SongUNet(nn.Module):
             if level == len(mults) - 1:
                 x = run(block(cout, attention=True, name=f"{tag}_in0"), x)
                 x = run(block(cout, name=f"{tag}_in1"), x)
-                features = x
             else:
                 x = run(block(cout, up=True, name=f"{tag}_up"), x)
             for idx in range(self.num_blocks + 1):
