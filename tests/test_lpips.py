@@ -273,3 +273,33 @@ def test_gradient_finite(params, images):
     assert g.shape == x.shape
     assert bool(jnp.all(jnp.isfinite(g)))
     assert float(jnp.abs(g[0]).max()) > 0
+
+
+def test_pth_files_load_into_a_vgg_equal_to_torchvisions(tmp_path):
+    """torchvision's vgg16 (random weights) saved as the .pth files the loader reads: the Flax
+    VGG16 taps equal torchvision's activations after relu1_2 .. relu5_3."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg16(weights=None).eval()
+    for m in vgg.features:
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.bias, 0.0, 0.05)
+    torch.save(vgg.state_dict(), tmp_path / "vgg16-397923af.pth")
+    lin = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1)
+           for k, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(lin, tmp_path / "vgg.pth")
+    params = L.load_lpips_from_dir(str(tmp_path))
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    taps = L.VGG16Features().apply({"params": params["vgg"]}, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    with torch.no_grad():
+        h, want = torch.from_numpy(x), []
+        for i, layer in enumerate(vgg.features[:30]):
+            h = layer(h)
+            if i in (3, 8, 15, 22, 29):
+                want.append(h.numpy().transpose(0, 2, 3, 1))
+    for got, ref in zip(taps, want):
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_array_equal(np.asarray(params["lin"]["lin2"])[0, 0, :, 0],
+                                  lin["lin2.model.1.weight"].numpy()[0, :, 0, 0])
