@@ -34,7 +34,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/gmm_table", "Folder for the trai
 _BUDGET = flags.DEFINE_float("budget", 1.0, "Multiplies every config's train.num_steps.")
 _SAMPLES = flags.DEFINE_integer("num_samples", 4000, "Samples per row.")
 _METHODS = flags.DEFINE_list("methods", list(METHOD_CONFIGS), "Methods to run.")
-_MSD = flags.DEFINE_bool("msd", True, "Run the MSD vs single-student comparison.")
+_SECTIONS = flags.DEFINE_list("sections", ["methods", "msd"], "methods: the per-data-set tables; "
+                              "msd: MSD vs one student. Sections not run are kept from an existing "
+                              "<out>/gmm_table.json.")
 
 
 def load_config(name: str):
@@ -98,27 +100,30 @@ def class_accuracy(cfg, state, key, n):
 
 def msd_rows(key):
     """MSD (4 students) vs one DMD2 student of the same network at the same total steps, and MSD
-    with 4 smaller students (TSM first), all on the class-conditional ring."""
+    with 4 students of half the width (TSM first), on the class-conditional ring and image
+    mixture (one class per mode)."""
     import jax
 
     from jaxdistill.eval import sample_metrics
 
-    base = load_config("msd_mixture2d")
-    single = load_config("dmd2_mixture2d")
-    single.model.label_dim = base.model.label_dim
-    single.network = copy.deepcopy(base.network)
-    small = copy.deepcopy(base)
-    small.network.hidden = base.network.hidden // 2
-    runs = [("MSD, 4 students", base), ("DMD2, 1 student (same network)", single),
-            (f"MSD, 4 students of width {small.network.hidden}", small)]
     rows = []
-    for i, (name, cfg) in enumerate(runs):
-        cfg, state, seconds = train_config(cfg, os.path.join(_WORKDIR.value, f"msd_{i}"))
-        acc, x = class_accuracy(cfg, state, key, _SAMPLES.value)
-        params = sum(int(a.size) for a in jax.tree.leaves(state.params))
-        rows.append({"model": name, "steps": 1, "nfe": 1, "train_steps": cfg.train.num_steps,
-                     "train_seconds": round(seconds, 1), "generator_params": params,
-                     "class_accuracy": acc, **sample_metrics(cfg, x, key)})
+    for data_name in DATASETS:
+        base = load_config(f"msd_{data_name}")
+        single = copy.deepcopy(base)          # same network, optimiser, steps and batch
+        single.method.name = "dmd2"
+        small = copy.deepcopy(base)
+        small.network.hidden = base.network.hidden // 2
+        runs = [("MSD, 4 students", base), ("DMD2, 1 student (same network)", single),
+                (f"MSD, 4 students of width {small.network.hidden}", small)]
+        for i, (name, cfg) in enumerate(runs):
+            cfg, state, seconds = train_config(cfg, os.path.join(_WORKDIR.value,
+                                                                 f"msd_{data_name}_{i}"))
+            acc, x = class_accuracy(cfg, state, key, _SAMPLES.value)
+            params = sum(int(a.size) for a in jax.tree.leaves(state.params))
+            rows.append({"data": data_name, "model": name, "steps": 1, "nfe": 1,
+                         "train_steps": cfg.train.num_steps, "train_seconds": round(seconds, 1),
+                         "generator_params": params, "class_accuracy": acc,
+                         **sample_metrics(cfg, x, key)})
     return rows
 
 
@@ -134,11 +139,12 @@ def markdown(results) -> str:
                        + " | ".join(_fmt(r[c]) for c in cols) + " |")
         out.append("")
     if results.get("msd"):
-        out += ["### MSD vs one student (class-conditional 2-D ring, 1 step)", "",
-                "| model | generator params (all students) | train steps | class accuracy | "
-                "log-likelihood | sliced W | mode TV |", "|---|---|---|---|---|---|---|"]
+        out += ["### MSD vs one student (class-conditional, one class per mode, 1 step)", "",
+                "| data | model | generator params (all students) | train steps | class accuracy | "
+                "log-likelihood | sliced W | mode TV |", "|---|---|---|---|---|---|---|---|"]
         for r in results["msd"]:
-            out.append(f"| {r['model']} | {r['generator_params']} | {r['train_steps']} | "
+            out.append(f"| {DATASETS[r['data']]} | {r['model']} | {r['generator_params']} | "
+                       f"{r['train_steps']} | "
                        f"{r['class_accuracy']:.3f} | {_fmt(r['log_likelihood'])} | "
                        f"{_fmt(r['sliced_wasserstein'])} | {_fmt(r['mode_tv'])} |")
     return "\n".join(out) + "\n"
@@ -177,19 +183,26 @@ def main(argv):
     import jax
 
     key = jax.random.key(0)
-    results = {"budget": _BUDGET.value, "num_samples": _SAMPLES.value, "datasets": {}}
-    for data_name in DATASETS:
-        rows = teacher_rows(load_config(METHOD_CONFIGS["ctm"].format(data=data_name)), key)
-        for method in _METHODS.value:
-            cfg = load_config(METHOD_CONFIGS[method].format(data=data_name))
-            cfg, state, seconds = train_config(cfg, os.path.join(_WORKDIR.value,
-                                                                 f"{method}_{data_name}"))
-            rows += student_rows(method.upper(), cfg, state, key, seconds)
-        results["datasets"][data_name] = rows
-    if _MSD.value:
+    path = os.path.join(_OUT.value, "gmm_table.json")
+    results = {"datasets": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+    results.update(budget=_BUDGET.value, num_samples=_SAMPLES.value)
+    if "methods" in _SECTIONS.value:
+        results["datasets"] = {}
+        for data_name in DATASETS:
+            rows = teacher_rows(load_config(METHOD_CONFIGS["ctm"].format(data=data_name)), key)
+            for method in _METHODS.value:
+                cfg = load_config(METHOD_CONFIGS[method].format(data=data_name))
+                cfg, state, seconds = train_config(cfg, os.path.join(_WORKDIR.value,
+                                                                     f"{method}_{data_name}"))
+                rows += student_rows(method.upper(), cfg, state, key, seconds)
+            results["datasets"][data_name] = rows
+    if "msd" in _SECTIONS.value:
         results["msd"] = msd_rows(key)
     os.makedirs(_OUT.value, exist_ok=True)
-    with open(os.path.join(_OUT.value, "gmm_table.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
     table = markdown(results)
     with open(os.path.join(_OUT.value, "gmm_table.md"), "w") as f:
