@@ -260,7 +260,7 @@ def test_pth_without_torch_says_how_to_get_it(tmp_path, monkeypatch):
     (tmp_path / "vgg16-397923af.pth").write_bytes(b"not read")
     with pytest.raises(ImportError) as e:
         L.load_lpips_params(str(tmp_path / "vgg.pth"), str(tmp_path / "vgg16-397923af.pth"))
-    assert "pip install torch==2.13.0" in str(e.value)
+    assert "pip install torch==2.14.1" in str(e.value)
     assert "convert_pth_to_npz" in str(e.value)
 
 

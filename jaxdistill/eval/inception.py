@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdistill.networks import weights
+
 RESOLUTION = 299
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
@@ -353,19 +355,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         raise FileNotFoundError(_missing_file_message("<unset>"))
     if path.endswith(".pkl"):
         raise ValueError(f"{path!r}: {PKL_NOT_SUPPORTED}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(_missing_file_message(path))
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
-            return {k: np.asarray(f[k]) for k in f.files}
-    try:
-        import torch  # noqa: PLC0415  (optional dependency, only for .pth files)
-    except ImportError as e:
-        raise ImportError(f"Reading {path!r} needs PyTorch (not a jaxdistill dependency): "
-                          f"install torch, or convert the file to .npz on a machine with torch "
-                          f"via jaxdistill.eval.inception.convert_pth_to_npz(src, dst).") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
+    return weights.read_state_dict(
+        path, _missing_file_message(path),
+        convert_hint="convert the file to .npz on a machine with torch via "
+                     "jaxdistill.eval.inception.convert_pth_to_npz(src, dst).")
 
 
 def convert_pth_to_npz(src: str, dst: str) -> None:

@@ -59,6 +59,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdistill.networks.weights import TORCH_PIN, read_state_dict
+
 # --- constants (sources: see module docstring) -------------------------------------------------
 
 # LPIPS ScalingLayer constants [lpips/lpips.py], for inputs in [-1, 1].
@@ -92,7 +94,6 @@ LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 LIN_FILES = ("vgg.npz", "vgg.pth")
 VGG_FILES = ("vgg16.npz", "vgg16-397923af.pth")
 CONFIG_FIELD = "config.method.lpips_weights_dir"
-TORCH_PIN = "torch==2.13.0"
 
 
 # --- network -----------------------------------------------------------------------------------
@@ -244,28 +245,12 @@ def _missing_file_message(what: str, directory: str) -> str:
 
 def _read_state(path: str) -> dict:
     """State dict of numpy arrays from a torch .pth/.pt file or an .npz file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(_missing_file_message(repr(os.path.basename(path)),
-                                                      os.path.dirname(path) or "."))
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
-            return {k: np.asarray(f[k]) for k in f.files}
-    try:
-        import torch  # noqa: PLC0415  (optional dependency)
-    except ImportError as e:
-        raise ImportError(
-            f"Reading {path!r} needs PyTorch, which jaxdistill does not depend on: "
-            f"`pip install {TORCH_PIN}`, or convert the file to .npz on a machine with torch via "
-            f"jaxdistill.networks.lpips.convert_pth_to_npz(src, dst) and point at the .npz "
-            f"(load_lpips_from_dir looks for 'vgg.npz' and 'vgg16.npz').") from e
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except TypeError:  # torch < 1.13 has no weights_only
-        state = torch.load(path, map_location="cpu")
-    if hasattr(state, "state_dict"):
-        state = state.state_dict()
-    return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
+    return read_state_dict(
+        path, _missing_file_message(repr(os.path.basename(os.fspath(path))),
+                                    os.path.dirname(os.fspath(path)) or "."),
+        convert_hint="convert the file to .npz on a machine with torch via "
+                     "jaxdistill.networks.lpips.convert_pth_to_npz(src, dst) and point at the .npz "
+                     "(load_lpips_from_dir looks for 'vgg.npz' and 'vgg16.npz').")
 
 
 def convert_pth_to_npz(src: str, dst: str) -> None:

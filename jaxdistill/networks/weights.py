@@ -1,6 +1,6 @@
 """Reading user-supplied pretrained weights (torch state dicts as .pth, or .npz) into Flax trees.
 
-Shared by the frozen feature networks (`deit`, `efficientnet`).  Nothing is downloaded: a missing
+Shared by every network with a weights file (`deit`, `efficientnet`, `lpips`, the FID Inception).  Nothing is downloaded: a missing
 file raises FileNotFoundError with the caller's instructions (which file, where it goes).  torch is
 imported only when a .pth file is actually read, never at module import.
 """
@@ -28,10 +28,16 @@ def torch_uniform(fan_in: int) -> Callable:
     return init
 
 
-def read_state_dict(path: str, missing_message: str) -> dict:
-    """{key: numpy array} from a torch .pth/.pt file or an .npz holding the same keys.
+TORCH_PIN = "torch==2.14.1"
+_SAVEZ_HINT = ("convert the file once elsewhere with numpy.savez(dst, **{k: v.numpy() for k, v in "
+               "state_dict.items()}) and point at the .npz")
 
-    Raises FileNotFoundError(missing_message) when `path` is empty or not a file.
+
+def read_state_dict(path: str, missing_message: str, convert_hint: str = _SAVEZ_HINT) -> dict:
+    """{key: numpy array} from a torch .pth/.pt file (weights_only) or an .npz with the same keys.
+
+    Raises FileNotFoundError(missing_message) when `path` is empty or not a file, and an
+    ImportError naming `convert_hint` when a .pth must be read without torch installed.
     """
     path = os.fspath(path or "")
     if not path or not os.path.isfile(path):
@@ -42,10 +48,8 @@ def read_state_dict(path: str, missing_message: str) -> dict:
     try:
         import torch  # noqa: PLC0415  (optional dependency, only for .pth files)
     except ImportError as e:
-        raise ImportError(f"Reading {path!r} needs PyTorch (not a jaxdistill dependency): install "
-                          "torch, or convert the file once elsewhere with "
-                          "numpy.savez(dst, **{k: v.numpy() for k, v in state_dict.items()}) "
-                          "and point at the .npz") from e
+        raise ImportError(f"Reading {path!r} needs PyTorch, which jaxdistill does not depend on: "
+                          f"`pip install {TORCH_PIN}`, or {convert_hint}") from e
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in _WRAPPER_KEYS:
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
