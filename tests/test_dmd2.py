@@ -353,3 +353,27 @@ def test_bottleneck_features_are_the_encoder_output(name):
     (_, feats), inter = net.apply(variables, x, t, return_features=True,
                                   mutable=["intermediates"])
     np.testing.assert_array_equal(feats, inter["intermediates"]["encoder"][-1])
+
+
+@pytest.mark.parametrize("method", ["ctm", "dmd2"])
+def test_students_copy_the_teachers_fourier_frequencies(method):
+    """NCSN++'s random Fourier frequencies are buffers, not params: a student must take the
+    teacher's, or it sees a different noise embedding than the weights were trained with."""
+    from jaxdistill import methods
+    from jaxdistill.networks import presets
+
+    net = dict(name="songunet", **presets.tiny_songunet(img_resolution=8, in_channels=1,
+                                                        embedding_type="fourier"))
+    cfg = load_config("ctm_digits" if method == "ctm" else "dmd2_image_mixture")
+    cfg.model.update(shape=(8, 8, 1), label_dim=0)
+    cfg.network = dict(net, s_embedding=True) if method == "ctm" else net
+    cfg.teacher.network = net
+    teacher_cfg = cfg.copy_and_resolve_references()
+    teacher_cfg.network = net
+    t_params, t_consts = common.init_variables(
+        teacher_cfg, common.build_denoiser(teacher_cfg), jax.random.key(7))
+    teacher = {"params": t_params, **t_consts}
+    state = methods.get(method).init(cfg, jax.random.key(0), teacher)
+    assert jax.tree.leaves(t_consts), "NCSN++ has buffers"
+    for a, b in zip(jax.tree.leaves(state.consts), jax.tree.leaves(t_consts)):
+        np.testing.assert_array_equal(a, b)

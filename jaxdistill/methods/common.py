@@ -135,6 +135,17 @@ def teacher_denoiser(config):
                      "config.teacher.kind to 'analytic' or 'checkpoint'")
 
 
+def init_student(config, denoiser, rng: jax.Array, teacher=None) -> tuple[dict, dict]:
+    """(params, consts) of a fresh `config.network`, with every param and buffer (e.g. NCSN++'s
+    random Fourier frequencies, which the teacher was trained with) that matches the teacher's
+    by name and shape copied from it."""
+    params, consts = init_variables(config, denoiser, rng)
+    if teacher is None:
+        return params, consts
+    return (init_from_teacher(params, teacher),
+            init_from_teacher(consts, teacher, collection=None))
+
+
 def init_from_teacher(student_params, teacher_variables, collection: str | None = "params"):
     """Student entries whose name and shape match the teacher's copied from it.
 

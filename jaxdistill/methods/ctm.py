@@ -137,9 +137,7 @@ def init(config, rng: jax.Array, teacher=None) -> CTMState:
         raise ValueError("CTM's student needs the target-time input: set "
                          "config.network.s_embedding=True")
     denoiser = common.build_denoiser(config)
-    params, consts = common.init_variables(config, denoiser, rng)
-    if teacher is not None:
-        params = common.init_from_teacher(params, teacher)
+    params, consts = common.init_student(config, denoiser, rng, teacher)
     copy = lambda: jax.tree.map(jnp.copy, params)  # noqa: E731
     disc_params, disc_consts = {}, {}
     names = gan_backbone_names(config)

@@ -103,10 +103,7 @@ def uses_gan(config) -> bool:
 def init(config, rng: jax.Array, teacher=None) -> DMD2State:
     """Generator and fake score from the teacher (by parameter name), a fresh classifier head."""
     denoiser = common.build_denoiser(config)
-    params, consts = common.init_variables(config, denoiser, rng)
-    if teacher is not None:
-        params = common.init_from_teacher(params, teacher)
-        consts = common.init_from_teacher(consts, teacher, collection=None)
+    params, consts = common.init_student(config, denoiser, rng, teacher)
     variables = {"params": params, **consts}
     x = jnp.zeros((1,) + tuple(config.model.shape))
     labels = jnp.zeros((1, config.model.label_dim)) if config.model.label_dim else None
