@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdistill.networks.weights import (conv_kernel, dense_kernel, read_state_dict, take,
-                                         torch_uniform)
+                                         timm_missing_message, torch_uniform)
 
 TIMM_NAME = "deit_base_distilled_patch16_224"
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth"
@@ -161,14 +161,6 @@ class DeiTFeatures(nn.Module):
                 for j, (t, (frac, resample)) in enumerate(zip(taps, READOUTS))]
 
 
-def _missing_message() -> str:
-    return (f"DeiT backbone weights not found: set {CONFIG_FIELD} to timm's {TIMM_NAME!r} "
-            f"state dict, e.g. {WEIGHTS_URL} (facebookresearch/deit, the file timm loads), or "
-            f"torch.save(timm.create_model({TIMM_NAME!r}, pretrained=True).state_dict(), "
-            f"'{TIMM_NAME}.pth') on a machine with internet; an .npz with the same keys works "
-            f"without torch.  Nothing is downloaded automatically")
-
-
 def params_from_state_dict(state, module: DeiTFeatures, source: str) -> dict:
     """Flax `'params'` of `module` from a timm state dict (torch layouts); checks every shape."""
     d, p = module.width, module.patch_size
@@ -203,4 +195,6 @@ def load_deit_params(path: str, module: DeiTFeatures = DeiTFeatures()) -> dict:
     Missing file -> FileNotFoundError saying what to get and which config field to set; a missing
     key or a shape that does not fit `module` -> an error naming the parameter.
     """
-    return params_from_state_dict(read_state_dict(path, _missing_message()), module, repr(path))
+    missing = timm_missing_message("DeiT backbone", CONFIG_FIELD, TIMM_NAME, WEIGHTS_URL,
+                                   "facebookresearch/deit, the file timm loads")
+    return params_from_state_dict(read_state_dict(path, missing), module, repr(path))

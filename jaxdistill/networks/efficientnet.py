@@ -32,7 +32,7 @@ from typing import List, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdistill.networks.weights import conv_kernel, read_state_dict, take
+from jaxdistill.networks.weights import conv_kernel, read_state_dict, take, timm_missing_message
 
 TIMM_NAME = "tf_efficientnet_lite0"
 WEIGHTS_URL = ("https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/"
@@ -129,14 +129,6 @@ class EfficientNetLiteFeatures(nn.Module):
         return taps
 
 
-def _missing_message() -> str:
-    return (f"EfficientNet backbone weights not found: set {CONFIG_FIELD} to timm's "
-            f"{TIMM_NAME!r} state dict, e.g. {WEIGHTS_URL} (the file timm loads), or "
-            f"torch.save(timm.create_model({TIMM_NAME!r}, pretrained=True).state_dict(), "
-            f"'{TIMM_NAME}.pth') on a machine with internet; an .npz with the same keys works "
-            f"without torch.  Nothing is downloaded automatically")
-
-
 def variables_from_state_dict(state, module: EfficientNetLiteFeatures, source: str) -> dict:
     """Flax {'params', 'batch_stats'} of `module` from a timm state dict; checks every shape."""
     params, stats = {}, {}
@@ -175,6 +167,6 @@ def load_efficientnet_variables(path: str,
     """{'params', 'batch_stats'} from a user-supplied timm `tf_efficientnet_lite0` file (.pth or
     .npz).  Missing file -> FileNotFoundError saying what to get and which config field to set;
     a missing key or a shape that does not fit `module` -> an error naming the parameter."""
-    return variables_from_state_dict(read_state_dict(path, _missing_message()), module,
-                                     repr(path))
+    missing = timm_missing_message("EfficientNet backbone", CONFIG_FIELD, TIMM_NAME, WEIGHTS_URL)
+    return variables_from_state_dict(read_state_dict(path, missing), module, repr(path))
 

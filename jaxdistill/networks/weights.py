@@ -33,6 +33,15 @@ _SAVEZ_HINT = ("convert the file once elsewhere with numpy.savez(dst, **{k: v.nu
                "state_dict.items()}) and point at the .npz")
 
 
+def timm_missing_message(what: str, config_field: str, timm_name: str, url: str,
+                         origin: str = "the file timm loads") -> str:
+    """What to download and where to point the config, for a timm backbone's weights."""
+    return (f"{what} weights not found: set {config_field} to timm's {timm_name!r} state dict, "
+            f"e.g. {url} ({origin}), or torch.save(timm.create_model({timm_name!r}, "
+            f"pretrained=True).state_dict(), '{timm_name}.pth') on a machine with internet; an "
+            f".npz with the same keys works without torch.  Nothing is downloaded automatically")
+
+
 def read_state_dict(path: str, missing_message: str, convert_hint: str = _SAVEZ_HINT) -> dict:
     """{key: numpy array} from a torch .pth/.pt file (weights_only) or an .npz with the same keys.
 
