@@ -41,7 +41,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed train steps (after one warm-up step).")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed train steps (after one warm-up step); 0 compiles "
+                              "only (compile time, memory, FLOPs).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file to write (the JSON is printed anyway).")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "n of the n x n float32 matmul that "
                                     "measures the device's peak FLOP/s.")
@@ -167,8 +168,12 @@ def benchmark(config, config_path: str, steps: int, matmul_size: int = 2048,
     batch = parallel.shard_batch(synthetic_batch(config, config.seed), program.mesh)
     compiled, lower_s, compile_only_s = compile_step(program, state, teacher, batch, key)
     flops = float(compiled.cost_analysis()["flops"])
-    times, state, metrics = time_steps(compiled, state, teacher, batch, key, steps)
-    step_s = statistics.median(times)
+    if steps > 0:
+        times, state, metrics = time_steps(compiled, state, teacher, batch, key, steps)
+        step_s = statistics.median(times)
+    else:  # --steps=0: compile time, memory and FLOPs of a step too slow to run on this host
+        times, metrics, step_s = [], None, None
+    rate = (lambda v: v / step_s) if step_s else (lambda v: None)  # noqa: E731
     peak = peak_matmul_flops(matmul_size, matmul_repeats)
     batch_size = config.train.batch_size
     record = {
@@ -194,22 +199,22 @@ def benchmark(config, config_path: str, steps: int, matmul_size: int = 2048,
         "timed_steps": steps,
         "step_s_all": times,
         "step_s_median": step_s,
-        "step_s_min": min(times),
+        "step_s_min": min(times) if times else None,
         # Methods with alternating branches (DMD2's TTUR, CTM's GAN) differ step to step: the
         # mean over a whole cycle of timed steps is the throughput that training sees.
-        "step_s_mean": statistics.mean(times),
-        "images_per_s": batch_size / step_s,
-        "images_per_s_per_device": batch_size / step_s / n_dev,
+        "step_s_mean": statistics.mean(times) if times else None,
+        "images_per_s": rate(batch_size),
+        "images_per_s_per_device": rate(batch_size / n_dev),
         **memory_fields(compiled),
         "flops_per_step_per_device": flops,
         "flops_per_step_global": flops * n_dev,
-        "achieved_flops_per_s_per_device": flops / step_s,
-        "achieved_flops_per_s_global": flops * n_dev / step_s,
+        "achieved_flops_per_s_per_device": rate(flops),
+        "achieved_flops_per_s_global": rate(flops * n_dev),
         "peak_flops_per_s_per_device": peak,
         "peak_flops_matmul": f"float32 {matmul_size}x{matmul_size} @ {matmul_size}x{matmul_size} "
                              f"on device 0, median of {matmul_repeats}",
-        "mfu": flops / step_s / peak,
-        "final_loss": float(metrics["loss"]),
+        "mfu": rate(flops / peak),
+        "final_loss": None if metrics is None else float(metrics["loss"]),
         "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "host_load_avg_1min_start": load_start,
         "host_load_avg_1min_end": os.getloadavg()[0],
