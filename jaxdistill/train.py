@@ -198,15 +198,15 @@ def train(config, workdir: str):
     state, meta = checkpoint.restore_latest(mngr, program.abstract_state)
     start = 0 if state is None else int(meta["step"])
     # The data pipeline is built before the (possibly expensive) init so that missing data fails fast.
-    batches = data.batches(config.data, batch_size=tc.batch_size // jax.process_count(),
-                           seed=config.seed, start_step=start,
-                           process_index=jax.process_index(), process_count=jax.process_count())
-    extra = getattr(program.method, "extra_batches", None)
-    extra = extra and extra(config, teacher, workdir, batch_size=tc.batch_size // jax.process_count(),
-                            seed=config.seed, start_step=start, process_index=jax.process_index(),
-                            process_count=jax.process_count())
-    if extra is not None:  # a method's own data stream (e.g. DMD's regression pairs)
-        batches = ({**b, **e} for b, e in zip(batches, extra))
+    stream = dict(batch_size=tc.batch_size // jax.process_count(), seed=config.seed,
+                  start_step=start, process_index=jax.process_index(),
+                  process_count=jax.process_count())
+    batches = data.batches(config.data, **stream)
+    if hasattr(program.method, "extra_batches"):
+        # A method's own data stream (e.g. DMD's regression pairs), merged into every batch.
+        extra = program.method.extra_batches(config, teacher, workdir, **stream)
+        if extra is not None:
+            batches = ({**b, **e} for b, e in zip(batches, extra))
     if state is None:
         state = program.init(k_init, teacher)
         logging.info("initialised %s from scratch", config.method.name)

@@ -199,15 +199,6 @@ def test_one_step_student_on_image_mixture(tmp_path):
 
 
 def test_ctm_resume_is_bit_identical(tmp_path):
-    from test_run import tiny_config
+    from test_run import assert_resume_is_bit_identical
 
-    def cfg_for(num_steps):
-        cfg = tiny_config(num_steps, "ctm_mixture2d")
-        cfg.train.ckpt_every = 10
-        return cfg
-
-    train.train(cfg_for(10), str(tmp_path / "resumed"))
-    resumed = train.train(cfg_for(20), str(tmp_path / "resumed"))
-    straight = train.train(cfg_for(20), str(tmp_path / "straight"))
-    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_resume_is_bit_identical(tmp_path, "ctm_mixture2d", 10, 20)

@@ -223,19 +223,9 @@ def test_dmd2_sharded_step_equals_single_device():
 
 
 def test_dmd2_resume_is_bit_identical(tmp_path):
-    from test_run import tiny_config
+    from test_run import assert_resume_is_bit_identical
 
-    def cfg_for(num_steps):
-        cfg = tiny_config(num_steps, "dmd2_mixture2d")
-        cfg.method.tsm_steps = 4
-        cfg.train.ckpt_every = 7
-        return cfg
-
-    train.train(cfg_for(7), str(tmp_path / "resumed"))
-    resumed = train.train(cfg_for(16), str(tmp_path / "resumed"))
-    straight = train.train(cfg_for(16), str(tmp_path / "straight"))
-    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_resume_is_bit_identical(tmp_path, "dmd2_mixture2d", 7, 16, tsm_steps=4)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,6 +24,22 @@ def tiny_config(num_steps, name="edm_mixture2d"):
     return cfg
 
 
+def assert_resume_is_bit_identical(tmp_path, name, stop, end, **method):
+    """Train `name` to `stop` (checkpointing there), resume to `end`, and compare every array of
+    the state with an uninterrupted run to `end`."""
+    def cfg_for(num_steps):
+        cfg = tiny_config(num_steps, name)
+        cfg.method.update(method)
+        cfg.train.ckpt_every = stop
+        return cfg
+
+    train.train(cfg_for(stop), str(tmp_path / "resumed"))
+    resumed = train.train(cfg_for(end), str(tmp_path / "resumed"))
+    straight = train.train(cfg_for(end), str(tmp_path / "straight"))
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def run_cli(*args, timeout=300):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True,
