@@ -7,6 +7,8 @@
       --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth \
       --config.eval.ref_stats=/tmp/cifar10-32x32.npz                        # FID reference
 Every config field can be overridden: --config.optim.lr=3e-4 --config.train.num_steps=100.
+A problem the user can fix (bad field, missing file, locked workdir, incompatible checkpoint) is
+one line `error: ...` with exit code 2; --verbose (or JAXDISTILL_VERBOSE=1) shows its traceback.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from jaxdistill import errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -35,6 +39,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes "
                                       "(or JAX_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (or JAX_PROCESS_ID).")
+_RESTART = flags.DEFINE_bool("restart", False, "Train from scratch in a workdir that holds another "
+                             "run, moving its checkpoints and metrics to WORKDIR/replaced-<time>/.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -59,9 +66,6 @@ def _write_samples(config, workdir: str, n: int, path: str) -> None:
     print(f"wrote {n} samples (step {meta['step']}) to {path}")
 
 
-_STARTED = False
-
-
 class _QuietLibraries(std_logging.Filter):
     """Keeps Orbax's per-save INFO chatter out of the console; its warnings still show."""
 
@@ -70,8 +74,6 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def main(argv):
-    global _STARTED
-    _STARTED = True
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -84,9 +86,19 @@ def main(argv):
     jax.config.update("jax_threefry_partitionable", True)
 
     config, workdir = _CONFIG.value, _WORKDIR.value
+    try:
+        config.get("seed")
+    except OSError as e:  # ml_collections defers a config file's load error to the first access
+        reason = " ".join(str(e).split()).split("Attempted")[-1]
+        raise FileNotFoundError(f"could not load the config file {_config_arg(sys.argv)} "
+                                f"({reason.strip()}): check its path and that it defines "
+                                "get_config()") from e
     if _MODE.value == "train":
-        train.train(config, workdir)
+        train.train(config, workdir, restart=_RESTART.value)
     elif _MODE.value == "sample":
+        if _NUM_SAMPLES.value <= 0:
+            raise ValueError(f"--num_samples={_NUM_SAMPLES.value}: must be positive")
+        train.validate(config)
         _write_samples(config, workdir, _NUM_SAMPLES.value,
                        _OUTPUT.value or os.path.join(workdir, "samples.npz"))
     elif _MODE.value == "ref_stats":
@@ -106,20 +118,45 @@ def main(argv):
         print(json.dumps(metrics, indent=2))
 
 
-def run():
-    """app.run, turning ml_collections' traceback for an unknown override into a clear error.
+def _fail(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.exit(2)
 
-    An unknown `--config.a.b=...` raises AttributeError while absl parses flags, before `main`
-    starts; errors raised later are not touched.
+
+def _parse_flags(argv):
+    """absl's flag parsing, with a bad override or config file as one line (exit 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 -- every parse failure is the user's input
+        if errors.verbose_requested(argv):
+            raise
+        text = " ".join(str(e).split())
+        if isinstance(e, AttributeError):
+            overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+            _fail(f"error: unknown config field in {overrides}: {text}")
+        if isinstance(e, flags.Error) and "Failed loading config file" not in text:
+            _fail(f"error: {text}: fix the flag's value (python run.py --helpfull lists them)")
+        _fail(f"error: could not load the config file {_config_arg(argv)} ({text}): check its "
+              "path and that it defines get_config()")
+
+
+def _config_arg(argv) -> str:
+    return next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "--config")
+
+
+def run():
+    """app.run, printing a user's error as one line `error: ...` (exit 2) instead of a traceback.
+
+    Errors raised inside `main` are turned into one line by jaxdistill.errors.one_line; anything
+    else (a bug) keeps its traceback.
     """
     try:
-        app.run(main)
-    except AttributeError as e:
-        if _STARTED:
+        app.run(main, flags_parser=_parse_flags)
+    except Exception as e:  # noqa: BLE001 -- re-raised unless it is a user error
+        line = None if errors.verbose_requested() else errors.one_line(e)
+        if line is None:
             raise
-        overrides = " ".join(a for a in sys.argv[1:] if a.startswith("--config."))
-        sys.stderr.write(f"error: unknown config field in {overrides}: {e}\n")
-        sys.exit(2)
+        _fail(line)
 
 
 if __name__ == "__main__":

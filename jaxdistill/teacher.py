@@ -8,7 +8,9 @@
                   an EDM teacher trained with run.py, or an official EDM pickle converted into that
                   layout), whose network is `config.teacher.network`.
 The teacher's params are returned as a plain pytree; the trainer shards them by the same rule as
-the state and never gives them to an optimizer.
+the state and never gives them to an optimizer. A checkpoint teacher is verified like a run's own
+checkpoints (jaxdistill.checkpoint.read_step): a corrupt newest step falls back to the previous
+one with a warning, and no file of the teacher's directory is ever changed.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import json
 import os
 
 import orbax.checkpoint as ocp
+from absl import logging
 
-from jaxdistill import data
+from jaxdistill import checkpoint, data
 
 KINDS = ("none", "analytic", "checkpoint")
 
@@ -49,18 +52,36 @@ def _load_checkpoint(config) -> dict:
             "pickle with `python -m jaxdistill.convert.edm_pickle EDM.pkl DIR`) and pass "
             "--config.teacher.checkpoint=DIR")
     mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=("state", "meta"))
-    steps = sorted(mngr.all_steps(), reverse=True)
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint steps in {ckpt_dir} (config.teacher.checkpoint)")
-    restored = mngr.restore(steps[0], args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    mngr.close()
-    saved_net = restored.meta["config"]["network"]
-    wanted = json.loads(config.teacher.network.to_json_best_effort())
-    if _normalise(saved_net) != _normalise(wanted):
-        raise ValueError(f"config.teacher.network does not match the network the teacher in {path} "
-                         f"was trained with:\n  config: {wanted}\n  teacher: {saved_net}")
-    state = restored.state
+    try:
+        steps = sorted(mngr.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"config.teacher.checkpoint={path!r}: no checkpoint steps in "
+                                    f"{ckpt_dir}; train or convert a teacher into it first")
+        # Verified like the student's checkpoints, but a teacher directory belongs to another run:
+        # a corrupt step is skipped with a warning, never renamed.
+        problems = []
+        for step in steps:
+            try:
+                state, meta = checkpoint.read_step(mngr, step)
+                break
+            except checkpoint.CorruptCheckpointError as e:
+                problems.append(f"step {step}: {e}")
+                logging.warning("teacher checkpoint step %d in %s is corrupt (%s); trying the "
+                                "previous step", step, ckpt_dir, e)
+        else:
+            raise FileNotFoundError(
+                f"config.teacher.checkpoint={path!r}: no readable teacher checkpoint in {ckpt_dir} "
+                f"({'; '.join(problems)}): restore the teacher run directory from a copy")
+    finally:
+        mngr.close()
+    saved_net = _normalise(meta["config"]["network"])
+    wanted = _normalise(json.loads(config.teacher.network.to_json_best_effort()))
+    if saved_net != wanted:
+        diff = checkpoint.config_diff(saved_net, wanted)
+        raise ValueError(
+            f"config.teacher.network does not match the network of the teacher in {path} "
+            f"(step {step}): {'; '.join(diff)}: set those "
+            "config.teacher.network fields to the saved values")
     return {"params": state["ema_params"], **state.get("consts", {})}
 
 

@@ -4,8 +4,14 @@ It knows nothing about which method runs: the method module gives `init`, `train
 `sample` (jaxdistill.methods). `build` compiles the method's step once with
 `jax.jit(in_shardings, out_shardings, donate_argnums=0)` over the mesh (today's pjit). Checkpoints
 resume exactly: data is a function of the step and keys are `fold_in(seed key, step)` inside the
-step. A NaN/Inf loss stops the run before anything is saved from the bad state, so the last good
-checkpoint stays; SIGTERM (TPU preemption) saves the current step and exits cleanly.
+step.
+
+What the loop guarantees (tests/test_faults.py): one run per workdir (jaxdistill.lock); every
+saved checkpoint is verified at restore and a corrupt one is set aside for the previous good one
+(jaxdistill.checkpoint); a state with NaN/Inf is never saved, and a checkpoint whose next step's
+loss is NaN/Inf (a diverged state) is set aside, so a resume starts from the last good one;
+SIGTERM (TPU preemption) saves the current step and exits cleanly; a finished run started again
+writes its final metrics if they are missing.
 """
 from __future__ import annotations
 
@@ -21,16 +27,47 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from jaxdistill import checkpoint, data, eval as evaluation, methods, parallel, visualize
-from jaxdistill import teacher as teacher_lib
+from jaxdistill import checkpoint, data, eval as evaluation, lock, methods, parallel, samplers
+from jaxdistill import teacher as teacher_lib, visualize
+from jaxdistill.errors import NonFiniteStateError
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(NonFiniteStateError):
     pass
 
 
+def _require(ok: bool, field: str, value, what: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{field}={value!r}: {what}")
+
+
+def _validate_numbers(config) -> None:
+    """Every numeric field a run depends on, checked before anything is built or written."""
+    tc, ec = config.train, config.eval
+    _require(tc.batch_size > 0, "train.batch_size", tc.batch_size, "must be a positive integer")
+    _require(tc.num_steps >= 0, "train.num_steps", tc.num_steps, "must be 0 or more")
+    for name in ("log_every", "ckpt_every", "sample_every", "num_grid_samples"):
+        _require(tc[name] > 0, f"train.{name}", tc[name], "must be a positive integer")
+    _require(tc.eval_every >= 0, "train.eval_every", tc.eval_every,
+             "must be 0 (evaluate only at the end) or a positive interval")
+    _require(tc.keep_checkpoints >= 1, "train.keep_checkpoints", tc.keep_checkpoints,
+             "must be at least 1, or no checkpoint would be kept")
+    _require(config.optim.lr > 0, "optim.lr", config.optim.lr, "must be positive")
+    _require(ec.num_samples > 0, "eval.num_samples", ec.num_samples, "must be positive")
+    _require(ec.batch_size > 0, "eval.batch_size", ec.batch_size, "must be positive")
+    sampler = config.sample.sampler
+    # A method may add samplers of its own (CTM's gamma-sampling).
+    known = sorted(samplers.SAMPLERS) + list(getattr(methods.get(config.method.name),
+                                                     "EXTRA_SAMPLERS", ()))
+    _require(sampler in known, "sample.sampler", sampler, f"must be one of {known}")
+    _require(config.sample.num_steps > 0, "sample.num_steps", config.sample.num_steps,
+             "must be positive")
+
+
 def validate(config) -> None:
-    """Checks fields that must agree with each other; each error names the fields."""
+    """Checks every field's range and the fields that must agree; each error names the field."""
+    methods.get(config.method.name)
+    _validate_numbers(config)
     spec = data.spec(config.data)
     if tuple(config.model.shape) != tuple(spec.shape):
         raise ValueError(f"config.model.shape={tuple(config.model.shape)} does not match the "
@@ -44,7 +81,6 @@ def validate(config) -> None:
     if config.eval.feature_batch_size < 1 or config.eval.pr_k < 1:
         raise ValueError(f"config.eval.feature_batch_size={config.eval.feature_batch_size} and "
                          f"config.eval.pr_k={config.eval.pr_k} must be positive")
-    methods.get(config.method.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +134,11 @@ def load_state(config, workdir: str, mesh: Mesh | None = None):
         raise FileNotFoundError(f"no checkpoint found in {ckpt_dir}: train first with "
                                 f"`python run.py --config=... --workdir={workdir}`")
     mngr = checkpoint.manager(ckpt_dir)
-    state, meta = checkpoint.restore_latest(mngr, program.abstract_state)
-    mngr.close()
+    try:
+        state, meta = checkpoint.restore_latest(mngr, program.abstract_state,
+                                                checkpoint.config_json(config))
+    finally:
+        mngr.close()
     if state is None:
         raise FileNotFoundError(f"no readable checkpoint in {ckpt_dir}: train first with "
                                 f"`python run.py --config=... --workdir={workdir}`")
@@ -170,32 +209,87 @@ class _Preemption:
         return self.requested
 
 
-def _check_finite(metrics: dict, step: int, workdir: str) -> None:
-    if not all(np.all(np.isfinite(v)) for v in jax.tree.leaves(metrics)):
-        raise NonFiniteLossError(
-            f"non-finite training metrics at step {step}: {metrics}. The run stopped without "
-            f"saving this state; the last good checkpoint in {workdir} is kept. Lower "
-            f"config.optim.lr or set config.optim.grad_clip.")
+def _finite(metrics: dict) -> bool:
+    return all(np.all(np.isfinite(v)) for v in jax.tree.leaves(metrics))
 
 
-def train(config, workdir: str):
-    """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the final state."""
+def _nonfinite_error(metrics: dict, step: int, workdir: str, diverged_step=None):
+    bad = sorted(k for k, v in metrics.items() if not np.all(np.isfinite(v)))
+    aside = (f"; checkpoint step {diverged_step} led to it and was set aside as diverged"
+             if diverged_step is not None else "")
+    return NonFiniteLossError(
+        f"non-finite training metrics ({', '.join(bad)}) at step {step}: the run stopped without "
+        f"saving this state{aside}; the last good checkpoint in {workdir} is kept: lower "
+        "config.optim.lr or set config.optim.grad_clip")
+
+
+def _write_json(path: str, obj) -> None:
+    """Writes atomically: a reader never sees half a file, even if the job is killed."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _final_metrics_step(workdir: str) -> int | None:
+    try:
+        with open(os.path.join(workdir, "metrics.json")) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _set_aside_run(workdir: str) -> None:
+    """--restart: moves the previous run's checkpoints and metrics into replaced-<time>/."""
+    names = [n for n in ("checkpoints", "metrics.json", "eval_metrics.json")
+             if os.path.exists(os.path.join(workdir, n))]
+    if not names or jax.process_index() != 0:
+        return
+    aside = os.path.join(workdir, f"replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(aside)
+    for n in names:
+        os.rename(os.path.join(workdir, n), os.path.join(aside, n))
+    logging.warning("restart: moved the previous run's %s to %s", ", ".join(names), aside)
+
+
+def train(config, workdir: str, *, restart: bool = False):
+    """Trains `config` in `workdir`, resuming from its newest good checkpoint. Returns the state.
+
+    `restart=True` starts over, moving an earlier run's checkpoints aside (never deleting them).
+    Raises WorkdirLockedError while another run uses `workdir`.
+    """
+    validate(config)
+    with lock.held(workdir):
+        if restart:
+            _set_aside_run(workdir)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("restart")
+        return _train(config, workdir)
+
+
+def _train(config, workdir: str):
     from clu import metric_writers  # imports TensorFlow: keep it out of the functional API
 
-    validate(config)
     teacher = teacher_lib.load(config)
     program = build(config, teacher=teacher)
     teacher = place_teacher(program, teacher)
     parallel.check_batch_size(config.train.batch_size, program.mesh)
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
 
     k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
     tc = config.train
+    config_now = checkpoint.config_json(config)
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                               best_metric=config.eval.best_metric, best_mode=config.eval.best_mode)
-    state, meta = checkpoint.restore_latest(mngr, program.abstract_state)
+    try:
+        state, meta = checkpoint.restore_latest(mngr, program.abstract_state, config_now)
+    except BaseException:
+        mngr.close()
+        raise
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     start = 0 if state is None else int(meta["step"])
     # The data pipeline is built before the (possibly expensive) init so that missing data fails fast.
     stream = dict(batch_size=tc.batch_size // jax.process_count(), seed=config.seed,
@@ -211,16 +305,22 @@ def train(config, workdir: str):
         state = program.init(k_init, teacher)
         logging.info("initialised %s from scratch", config.method.name)
     else:
-        logging.info("resumed from step %d in %s", start, workdir)
+        changed = checkpoint.config_diff(meta.get("config", config_now), config_now)
+        logging.info("resumed from step %d in %s%s", start, workdir,
+                     f" (config changed since: {'; '.join(changed)})" if changed else "")
     if is_chief and start == 0:
-        writer.write_hparams({k: str(v) for k, v in checkpoint.config_json(config).items()})
+        writer.write_hparams({k: str(v) for k, v in config_now.items()})
 
     def save(step, metrics=None):
         checkpoint.save(mngr, step, state, {
-            "step": step, "method": config.method.name, "config": checkpoint.config_json(config),
+            "step": step, "method": config.method.name, "config": config_now,
             "teacher": {"kind": config.teacher.kind, "checkpoint": config.teacher.checkpoint}},
             metrics)
 
+    # A checkpoint is confirmed by the first step after it: when that step's loss is non-finite
+    # the checkpoint holds a diverged state (finite weights that blow up), and it is set aside so
+    # that a resume starts from the last good one. Confirming costs one device sync per save.
+    unconfirmed = None if start == 0 else start
     t0, last_logged, step, eval_metrics = time.time(), start, start, None
     with _Preemption() as preemption:
         try:
@@ -228,9 +328,14 @@ def train(config, workdir: str):
                 batch = parallel.shard_batch(next(batches), program.mesh)
                 state, metrics = program.step(state, teacher, batch, k_train)
                 last = step == tc.num_steps
-                if step % tc.log_every == 0 or last:
+                if unconfirmed is not None or step % tc.log_every == 0 or last:
                     metrics = jax.device_get(metrics)
-                    _check_finite(metrics, step, workdir)
+                    if not _finite(metrics):
+                        if unconfirmed is not None:
+                            checkpoint.set_aside_step(mngr, unconfirmed, "diverged")
+                        raise _nonfinite_error(metrics, step, workdir, unconfirmed)
+                    unconfirmed = None
+                if step % tc.log_every == 0 or last:
                     rate = (step - last_logged) / max(time.time() - t0, 1e-9)
                     scalars = {k: float(v) for k, v in metrics.items()}
                     scalars.update(steps_per_sec=rate, images_per_sec=rate * tc.batch_size)
@@ -252,10 +357,9 @@ def train(config, workdir: str):
                                            samples)
                 preempted = preemption.reached(step)
                 if step % tc.ckpt_every == 0 or last or preempted or eval_metrics is not None:
-                    # Never save a state whose loss went non-finite since the last check.
-                    _check_finite(jax.device_get(metrics), step, workdir)
                     has_best = eval_metrics and config.eval.best_metric in eval_metrics
-                    save(step, eval_metrics if has_best else None)
+                    save(step, eval_metrics if has_best else None)  # refuses a NaN/Inf state
+                    unconfirmed = None if last else step
                 if preempted:
                     logging.warning("preempted: saved step %d in %s, exiting", step, workdir)
                     break
@@ -263,7 +367,9 @@ def train(config, workdir: str):
         finally:
             mngr.close()
             writer.flush()
-    if step == tc.num_steps and tc.num_steps > start:
+    # The final metrics are written once per finished run; a run killed before writing them (e.g.
+    # SIGTERM during the final evaluation) writes them when it is started again.
+    if step == tc.num_steps and _final_metrics_step(workdir) != step:
         final = eval_metrics or evaluate(config, state, jax.random.fold_in(k_sample, step))
         final = dict(final, step=step)
         if teacher is not None:
@@ -276,7 +382,6 @@ def train(config, workdir: str):
             if is_chief:
                 print("\n" + compare.format_table(rows), flush=True)
         if is_chief:
-            with open(os.path.join(workdir, "metrics.json"), "w") as f:
-                json.dump(final, f, indent=2)
+            _write_json(os.path.join(workdir, "metrics.json"), final)
         logging.info("final metrics: %s", final)
     return state
