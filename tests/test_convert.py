@@ -160,8 +160,181 @@ def test_missing_file_is_named(tmp_path, capsys):
     missing = tmp_path / "edm-nothing.pkl"
     with pytest.raises(FileNotFoundError, match="edm-nothing.pkl"):
         edm_pickle.convert(str(missing), str(tmp_path / "out"))
-    assert edm_pickle.main([str(missing), str(tmp_path / "out")]) == 1
+    assert edm_pickle.main([str(missing), str(tmp_path / "out")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def assert_one_line_error(excinfo, path, *phrases):
+    """The error is a ValueError whose one-line message starts with the file and says what to do."""
+    message = str(excinfo.value)
+    assert isinstance(excinfo.value, ValueError), type(excinfo.value)
+    assert "\n" not in message and message.startswith(f"{path}: "), message
+    for phrase in phrases:
+        assert phrase in message, (phrase, message)
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """A tiny DDPM++ as an EDM pickle and a tiny ADM as a torch.save state dict."""
+    tmp = tmp_path_factory.mktemp("files")
+    mirror.save_edm_pickle(tmp / "edm.pkl", torch_net("ddpmpp", 0))
+    torch.save(torch_net("adm", 0).state_dict(), tmp / "pytorch_model.bin")
+    return {"pkl": (tmp / "edm.pkl").read_bytes(), "bin": (tmp / "pytorch_model.bin").read_bytes()}
+
+
+@pytest.mark.parametrize("kind", ["pkl", "bin"])
+@pytest.mark.parametrize("keep", [1, 2, 60, 0.5, -1], ids=lambda k: f"keep{k}")
+def test_truncated_file_is_one_line_error(kind, keep, tiny_files, tmp_path):
+    data = tiny_files[kind]
+    cut = int(len(data) * keep) if isinstance(keep, float) else keep % len(data)
+    path = tmp_path / f"net.{kind}"
+    path.write_bytes(data[:cut])
+    with pytest.raises(torch_pickle.UnreadableCheckpointError) as excinfo:
+        edm_pickle.convert(str(path), str(tmp_path / "out"))
+    phrase = "truncated or damaged zip archive" if kind == "bin" and cut >= 4 else "truncated"
+    assert_one_line_error(excinfo, path, phrase, "re-download")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["edm.pkl", "pytorch_model.bin"])
+def test_empty_file_is_one_line_error(name, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(b"")
+    with pytest.raises(torch_pickle.UnreadableCheckpointError) as excinfo:
+        edm_pickle.convert(str(path), str(tmp_path / "out"))
+    assert_one_line_error(excinfo, path, "empty (0 bytes)", "re-download")
+
+
+@pytest.mark.parametrize("text,phrase", [
+    ("hello world\n", "a text file, not a pickle (it starts with 'hello world')"),
+    ("I am not a pickle\n", "a text file, not a pickle"),        # 'I' is pickle's INT opcode
+    ("<!DOCTYPE html>\n<html><body>404</body></html>\n", "an HTML page"),
+    ("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 10\n", "git lfs pull"),
+])
+def test_text_file_is_one_line_error(text, phrase, tmp_path):
+    path = tmp_path / "edm-cifar10.pkl"
+    path.write_text(text)
+    with pytest.raises(torch_pickle.UnreadableCheckpointError) as excinfo:
+        edm_pickle.convert(str(path), str(tmp_path / "out"))
+    assert_one_line_error(excinfo, path, phrase)
+
+
+def test_pickle_of_other_objects_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "list.pkl"
+    path.write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(torch_pickle.UnsupportedPickleError) as excinfo:
+        edm_pickle.convert(str(path), str(tmp_path / "out"))
+    assert_one_line_error(excinfo, path, "expected a pickled dict", "got list")
+    path = tmp_path / "dict.pkl"
+    path.write_bytes(pickle.dumps({"net": 1}))
+    with pytest.raises(ValueError) as excinfo:
+        edm_pickle.convert(str(path), str(tmp_path / "out"))
+    assert_one_line_error(excinfo, path, "no 'ema' entry", "['net']", "--key")
+
+
+def resnet_like_state_dict():
+    """The state dict names of a small torchvision-style ResNet (conv1, bn1, layer1, fc)."""
+    net = torch.nn.Module()
+    net.conv1 = torch.nn.Conv2d(3, 8, 7, bias=False)
+    net.bn1 = torch.nn.BatchNorm2d(8)
+    net.layer1 = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8))
+    net.fc = torch.nn.Linear(8, 10)
+    return net.state_dict()
+
+
+def test_unrelated_state_dict_is_refused_not_read_as_a_preset(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet_like_state_dict(), path)
+    with pytest.raises(edm_pickle.UnrecognisedStateDictError) as excinfo:
+        edm_pickle.convert(str(path), str(tmp_path / "out"))
+    assert_one_line_error(excinfo, path, "not an EDMPrecond state dict",
+                          "'model.map_layer0.weight'", "'model.out_conv.weight'", "'bn1.bias'")
+    assert not (tmp_path / "out").exists()
+
+    # One identifying key is not enough: the rest of the layout must be there too.
+    partial = {f"model.{k}": v for k, v in resnet_like_state_dict().items()}
+    partial["model.map_layer0.weight"] = torch.zeros(4, 4)
+    torch.save(partial, path)
+    with pytest.raises(edm_pickle.UnrecognisedStateDictError):
+        edm_pickle.convert(str(path), str(tmp_path / "out"))
+
+
+def test_state_dict_layout_is_read_from_identifying_keys(tmp_path):
+    adm = {k: v.numpy() for k, v in torch_net("adm", 10).state_dict().items()}
+    song = {k: v.numpy() for k, v in torch_net("ncsnpp", 0).state_dict().items()}
+    assert edm_pickle.state_dict_layout(adm) == ("dhariwal", RES)
+    assert edm_pickle.state_dict_layout(song) == ("songunet", RES)
+    assert edm_pickle.state_dict_layout({f"module.{k}": v for k, v in adm.items()}) is None
+    assert edm_pickle.state_dict_layout(
+        {k: v for k, v in adm.items() if not k.startswith("model.out_")}) is None
+
+    # A DDPM++ state dict given with the default ADM preset names the presets that fit.
+    path = tmp_path / "ddpmpp.bin"
+    torch.save(torch_net("ddpmpp", 0).state_dict(), path)
+    with pytest.raises(edm_pickle.UnrecognisedStateDictError) as excinfo:
+        edm_pickle.convert(str(path), str(tmp_path / "out"))
+    assert_one_line_error(excinfo, path, "holds a SongUNet", "--preset ddpmpp_cifar10 or "
+                          "ncsnpp_cifar10")
+    # An ADM of another resolution than the preset's.
+    path = tmp_path / "adm16.bin"
+    torch.save(torch_net("adm", 1000).state_dict(), path)
+    with pytest.raises(edm_pickle.UnrecognisedStateDictError) as excinfo:
+        edm_pickle.convert(str(path), str(tmp_path / "out"))
+    assert_one_line_error(excinfo, path, f"holds a {RES}x{RES} network", "64x64")
+
+
+def test_state_dict_of_other_objects_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": torch_net("adm", 0).state_dict(), "step": 5}, path)
+    with pytest.raises(torch_pickle.UnsupportedPickleError) as excinfo:
+        edm_pickle.convert(str(path), str(tmp_path / "out"))
+    assert_one_line_error(excinfo, path, "entry 'model' is a", "state_dict() alone")
+    path = tmp_path / "arrays.npz"          # a zip archive, but not torch.save's
+    np.savez(path, w=np.zeros(3))
+    with pytest.raises(torch_pickle.UnreadableCheckpointError) as excinfo:
+        edm_pickle.convert(str(path), str(tmp_path / "out"))
+    assert_one_line_error(excinfo, path, "a zip archive that torch.load cannot read")
+
+
+def test_cli_prints_one_line_and_exits_2(tiny_files, tmp_path, capsys, monkeypatch):
+    import subprocess
+
+    monkeypatch.delenv("JAXDISTILL_VERBOSE", raising=False)
+    truncated = tmp_path / "edm-truncated.pkl"
+    truncated.write_bytes(tiny_files["pkl"][:len(tiny_files["pkl"]) // 2])
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parents[1]))
+    env.pop("JAXDISTILL_VERBOSE", None)
+    out = subprocess.run([sys.executable, "-m", "jaxdistill.convert.edm_pickle", str(truncated),
+                          str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {truncated}: truncated"), out.stderr
+
+    # In process: every kind of bad input is one line; --verbose shows the exception itself.
+    empty, resnet = tmp_path / "empty.pkl", tmp_path / "resnet.pth"
+    empty.write_bytes(b"")
+    torch.save(resnet_like_state_dict(), resnet)
+    for path in (truncated, empty, resnet):
+        assert edm_pickle.main([str(path), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}: ") and err.count("\n") == 1, err
+    with pytest.raises(edm_pickle.UnrecognisedStateDictError):
+        edm_pickle.main([str(resnet), str(tmp_path / "out"), "--verbose"])
+    monkeypatch.setenv("JAXDISTILL_VERBOSE", "1")
+    with pytest.raises(torch_pickle.UnreadableCheckpointError):
+        edm_pickle.main([str(empty), str(tmp_path / "out")])
+
+
+def test_cli_keeps_the_traceback_of_a_bug(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.delenv("JAXDISTILL_VERBOSE", raising=False)
+    monkeypatch.setattr(edm_pickle, "convert", broken)
+    with pytest.raises(ZeroDivisionError):
+        edm_pickle.main([str(tmp_path / "x.pkl"), str(tmp_path / "out")])
 
 
 def test_plain_class_in_pickle_is_refused_by_name(tmp_path, monkeypatch):

@@ -17,7 +17,11 @@ Sources and facts:
   main/edm/edm_network.py `get_imagenet_edm_config` (64x64, label_dim 1000, model_channels 192,
   channel_mult [1,2,3,4], num_blocks 3, attention at 32/16/8, no augment, sigma_data 0.5).  It
   records no architecture, so a preset names it (default `adm_imagenet64`, i.e. exactly that
-  network) and every parameter's name and shape is checked against it.
+  network) and every parameter's name and shape is checked against it.  Before that, the keys
+  that identify an EDMPrecond state dict (`model.map_layer0/1`, the first encoder conv
+  `model.enc.<R>x<R>_conv`, and `model.out_norm/out_conv` for ADM or the full-resolution
+  decoder's `model.dec.<R>x<R>_aux_norm/aux_conv` for DDPM++ / NCSN++) must be present and
+  agree with the given architecture; any other state dict is refused.
 - Parameter mapping (the naming rule in jaxdistill/networks/songunet.py and dhariwal.py):
   `model.enc.<name>.<...>.weight` -> params['enc_<name>'][...]['kernel'] with conv weights OIHW ->
   HWIO and linear weights (out, in) -> (in, out); GroupNorm `weight` -> `scale`; NCSN++'s random
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import zipfile
 
@@ -42,7 +47,7 @@ import flax
 import jax
 import numpy as np
 
-from jaxdistill import checkpoint, networks
+from jaxdistill import checkpoint, errors, networks
 from jaxdistill.config import base_config
 from jaxdistill.convert import torch_pickle
 from jaxdistill.networks import presets
@@ -67,6 +72,14 @@ _FLOAT_KWARGS = ("dropout", "label_dropout")
 
 # `jaxdistill.networks.presets` functions that can name the architecture of a bare state dict.
 STATE_DICT_PRESETS = ("adm_imagenet64", "ddpmpp_cifar10", "ncsnpp_cifar10")
+# Network name -> (EDM class, the presets of that layout).
+_LAYOUTS = {"dhariwal": ("DhariwalUNet (ADM)", ("adm_imagenet64",)),
+            "songunet": ("SongUNet (DDPM++ / NCSN++)", ("ddpmpp_cifar10", "ncsnpp_cifar10"))}
+_FIRST_CONV = re.compile(r"model\.enc\.(\d+)x\1_conv\.weight")
+
+
+class UnrecognisedStateDictError(ValueError):
+    """A torch.save state dict whose keys are not those of an EDMPrecond of the given layout."""
 
 
 @dataclasses.dataclass
@@ -76,6 +89,7 @@ class Source:
     sigma_data: float
     tensors: dict                      # torch state_dict name -> numpy array
     description: str
+    mismatch_hint: str = ""            # what to do when the tensors do not fit `network`
 
 
 def network_config(class_name: str, init_kwargs: dict) -> dict:
@@ -105,7 +119,9 @@ def read_edm_pickle(path: str, key: str = "ema") -> Source:
     """The `EDMPrecond` network stored under `key` of an EDM-format pickle (EDM, SiD)."""
     data = torch_pickle.load_edm_pickle(path)
     if key not in data:
-        raise ValueError(f"{path}: no {key!r} entry in the pickle (keys: {sorted(data)})")
+        raise ValueError(f"{path}: no {key!r} entry in the pickle (keys: "
+                         f"{sorted(map(str, data))[:10]}): pass --key with the entry that holds "
+                         "the EDMPrecond network, or give an EDM network-snapshot-*.pkl")
     precond = data[key]
     found = getattr(precond, "class_name", type(precond).__name__)
     if found != "EDMPrecond":
@@ -114,16 +130,24 @@ def read_edm_pickle(path: str, key: str = "ema") -> Source:
                          "c_skip/c_out/c_in/c_noise)")
     model = precond.state.get("_modules", {}).get("model")
     if not isinstance(model, torch_pickle.PickledModule):
-        raise ValueError(f"{path}: EDMPrecond has no 'model' submodule")
+        raise ValueError(f"{path}: EDMPrecond has no 'model' submodule: "
+                         f"{torch_pickle.REDOWNLOAD}")
     init_kwargs = model.state.get("_init_kwargs")
     if init_kwargs is None or model.state.get("_init_args"):
         raise ValueError(f"{path}: {model.class_name} recorded no keyword init arguments "
-                         "(persistence `_init_kwargs`), so its architecture is unknown")
-    network = network_config(model.class_name, dict(init_kwargs))
+                         "(persistence `_init_kwargs`), so its architecture is unknown: "
+                         "save it with torch.save(net.state_dict()) and convert that with "
+                         "--preset")
+    try:
+        network = network_config(model.class_name, dict(init_kwargs))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     sigma_data = float(precond.state.get("sigma_data", 0.5))
     tensors = torch_pickle.module_tensors(precond)
     return Source(network, sigma_data, tensors,
-                  f"EDMPrecond({model.class_name}) from {os.path.basename(path)}[{key!r}]")
+                  f"EDMPrecond({model.class_name}) from {os.path.basename(path)}[{key!r}]",
+                  "its tensors do not fit the architecture the pickle records: "
+                  + torch_pickle.REDOWNLOAD)
 
 
 def preset_network(preset: str, label_dim: int | None = None) -> dict:
@@ -135,11 +159,62 @@ def preset_network(preset: str, label_dim: int | None = None) -> dict:
     return {"name": name, **getattr(presets, preset)(**kwargs)}
 
 
+def state_dict_layout(tensors) -> tuple[str, int] | None:
+    """(network name, img_resolution) of an EDMPrecond state dict, judged from the keys that
+    identify its layout, or None when they are not all there."""
+    keys = set(tensors)
+    resolutions = {int(m.group(1)) for k in keys if (m := _FIRST_CONV.fullmatch(k))}
+    if (len(resolutions) != 1 or not all(k.startswith("model.") for k in keys)
+            or not {"model.map_layer0.weight", "model.map_layer1.weight"} <= keys):
+        return None
+    (res,) = resolutions
+    dhariwal = {"model.out_norm.weight", "model.out_conv.weight"} <= keys
+    songunet = {f"model.dec.{res}x{res}_aux_norm.weight",
+                f"model.dec.{res}x{res}_aux_conv.weight"} <= keys
+    if dhariwal == songunet:
+        return None
+    return ("dhariwal" if dhariwal else "songunet"), res
+
+
+def check_state_dict_layout(path: str, tensors: dict, network: dict) -> None:
+    """Refuses a state dict that is not an EDMPrecond of `network`'s kind and resolution."""
+    layout = state_dict_layout(tensors)
+    if layout is None:
+        names = sorted(tensors)
+        shown = ", ".join(repr(k) for k in names[:4]) + (", ..." if len(names) > 4 else "")
+        raise UnrecognisedStateDictError(
+            f"{path}: not an EDMPrecond state dict (EDM / DMD2 layout): expected the keys "
+            "'model.map_layer0.weight', 'model.map_layer1.weight', "
+            "'model.enc.<R>x<R>_conv.weight' and either 'model.out_norm.weight' + "
+            "'model.out_conv.weight' (ADM) or 'model.dec.<R>x<R>_aux_norm.weight' + "
+            f"'model.dec.<R>x<R>_aux_conv.weight' (DDPM++ / NCSN++), but its {len(names)} "
+            f"entries are {shown}: give an EDM network pickle or the state_dict() of an "
+            "EDMPrecond network (e.g. DMD2's pytorch_model.bin)")
+    name, res = layout
+    if network.get("name") not in _LAYOUTS:
+        return
+    if name != network["name"]:
+        found, presets_of = _LAYOUTS[name]
+        raise UnrecognisedStateDictError(
+            f"{path}: holds a {found} state dict, but the architecture given is a "
+            f"{_LAYOUTS[network['name']][0]}: pass --preset "
+            f"{' or '.join(presets_of)} (or the matching network)")
+    if res != network.get("img_resolution"):
+        raise UnrecognisedStateDictError(
+            f"{path}: holds a {res}x{res} network, but the architecture given is "
+            f"{network.get('img_resolution')}x{network.get('img_resolution')}: pass the "
+            "preset (or network) of the file's resolution")
+
+
 def read_state_dict(path: str, network: dict, sigma_data: float = 0.5) -> Source:
-    """A `torch.save`d EDMPrecond state dict (e.g. DMD2's generator) with a given architecture."""
+    """A `torch.save`d EDMPrecond state dict (e.g. DMD2's generator) with a given architecture;
+    a state dict of another layout is refused (UnrecognisedStateDictError)."""
     tensors = torch_pickle.load_state_dict(path)
+    check_state_dict_layout(path, tensors, network)
     return Source(network, sigma_data, tensors,
-                  f"EDMPrecond state dict from {os.path.basename(path)}")
+                  f"EDMPrecond state dict from {os.path.basename(path)}",
+                  "the file's architecture differs from the one given: pass the matching "
+                  "--preset and --label-dim (or network)")
 
 
 def read_checkpoint(path: str, *, key: str = "ema", network: dict | None = None) -> Source:
@@ -202,23 +277,27 @@ def expected_torch_shapes(network: dict) -> dict:
     return dict(flax_variable_paths(network).values())
 
 
-def to_flax_variables(tensors: dict, network: dict) -> dict:
+def to_flax_variables(tensors: dict, network: dict, where: str = "the checkpoint",
+                      hint: str = "") -> dict:
     """{'params': ..., ['buffers': ...]} for `network` from torch state_dict tensors.
 
     Every variable the flax network has must be in `tensors` with the matching (torch) shape,
     and every tensor must be used, except the `resample_filter` constants, which must equal the
-    filter the config implies.  Errors name the parameter.
+    filter the config implies.  Errors name the parameter, start with `where` and end with
+    `hint` (what to do), if given.
     """
+    def fail(message):
+        raise ValueError(f"{where}: {message}" + (f": {hint}" if hint else ""))
+
     paths = flax_variable_paths(network)
     flat = {}
     for path, (name, want) in paths.items():
         if name not in tensors:
-            raise ValueError(f"the checkpoint has no parameter {name!r}, which the "
-                             f"{network['name']} network needs for {'/'.join(path)}")
+            fail(f"no parameter {name!r}, which the {network['name']} network needs for "
+                 f"{'/'.join(path)}")
         if tuple(tensors[name].shape) != want:
-            raise ValueError(f"parameter {name!r} has shape {tuple(tensors[name].shape)} in the "
-                             f"checkpoint, but the {network['name']} network config expects "
-                             f"{want}")
+            fail(f"parameter {name!r} has shape {tuple(tensors[name].shape)} in the checkpoint, "
+                 f"but the {network['name']} network config expects {want}")
         flat[path] = _to_flax(tensors[name])
     used = {name for name, _ in paths.values()}
     taps = network.get("resample_filter", (1, 1))
@@ -229,13 +308,13 @@ def to_flax_variables(tensors: dict, network: dict) -> dict:
             value = np.asarray(tensors[name])
             if value.size != expected_filter.size or not np.allclose(
                     value.reshape(expected_filter.shape), expected_filter, atol=1e-7):
-                raise ValueError(f"buffer {name!r} is not the resample filter {list(taps)} of the "
-                                 "network config")
+                fail(f"buffer {name!r} is not the resample filter {list(taps)} of the network "
+                     "config")
         else:
             unexpected.append(name)
     if unexpected:
-        raise ValueError(f"the checkpoint has parameters the {network['name']} network config "
-                         f"does not use: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+        fail(f"parameters the {network['name']} network config does not use: "
+             f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
     return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -295,7 +374,8 @@ def convert(path: str, out_dir: str, *, key: str = "ema", network: dict | None =
     `network` is the architecture of a bare state dict (EDM pickles record their own).
     """
     source = read_checkpoint(path, key=key, network=network)
-    variables = to_flax_variables(source.tensors, source.network)
+    variables = to_flax_variables(source.tensors, source.network, where=path,
+                                  hint=source.mismatch_hint)
     num_params = int(sum(np.size(v) for v in jax.tree.leaves(variables["params"])))
     write_teacher_run(out_dir, variables, source.network, source.sigma_data,
                       {"file": os.path.abspath(path), "what": source.description})
@@ -340,13 +420,18 @@ def main(argv=None) -> int:
                              "generator, EDM's ADM)")
     parser.add_argument("--label-dim", type=int, default=None,
                         help="label_dim for --preset (default: the preset's)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the traceback of an error (also JAXDISTILL_VERBOSE=1)")
     args = parser.parse_args(argv)
     try:
         summary = convert(args.checkpoint, args.out_dir, key=args.key,
                           network=preset_network(args.preset, args.label_dim))
-    except (OSError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # noqa: BLE001  user errors become one line, others keep a traceback
+        message = errors.one_line(e)
+        if message is None or args.verbose or errors.verbose_requested([]):
+            raise
+        print(message, file=sys.stderr)
+        return 2
     print(config_instructions(summary))
     return 0
 

@@ -29,9 +29,13 @@ import collections
 import io
 import os
 import pickle
+import re
+import zipfile
 
 import numpy as np
 from numpy._core.multiarray import scalar as _numpy_scalar
+
+from jaxdistill import errors
 
 # Persistent classes the EDM code base (and SiD's / DMD2's copies of it) pickles: networks
 # (training/networks.py), losses (training/loss.py) and the augmentation pipe (training/augment.py).
@@ -44,6 +48,21 @@ KNOWN_PERSISTENT_CLASSES = frozenset({
 
 class UnsupportedPickleError(ValueError):
     """The file names a class or function the restricted unpickler does not rebuild."""
+
+
+class UnreadableCheckpointError(ValueError):
+    """The file is empty, truncated, damaged, or not a pickle / torch.save archive at all."""
+
+
+class TorchMissingError(errors.UserError, ImportError):
+    """Reading a PyTorch checkpoint needs torch, which is not installed."""
+
+# What to do about a file that cannot be read at all.
+REDOWNLOAD = ("re-download (or re-copy) the official file: an EDM network-snapshot-*.pkl / "
+              "edm-*.pkl, or a torch.save state dict such as DMD2's pytorch_model.bin")
+_MAX_DETAIL = 160
+# The first object torch.save pickles in its legacy (non-zip, torch < 1.6) format.
+_LEGACY_TORCH_MAGIC = 0x1950a86a20f9469cfc6c
 
 
 class PickledModule:
@@ -75,8 +94,8 @@ def _torch():
     try:
         import torch
     except ImportError as e:
-        raise ImportError("reading PyTorch checkpoints needs torch: pip install "
-                          "'jaxdistill[convert]'") from e
+        raise TorchMissingError("reading PyTorch checkpoints needs torch: pip install "
+                                "'jaxdistill[convert]'") from e
     return torch
 
 
@@ -92,12 +111,14 @@ def _reconstruct_persistent_obj(meta):
     """Replaces `torch_utils.persistence._reconstruct_persistent_obj`: no source is executed."""
     if not isinstance(meta, dict) or meta.get("type") != "class" or "class_name" not in meta:
         raise UnsupportedPickleError("torch_utils.persistence object without the expected "
-                                     "meta dict (type='class', class_name, state)")
+                                     "meta dict (type='class', class_name, state): only EDM's "
+                                     "persistence format (NVlabs/edm) is read")
     name = meta["class_name"]
     if name not in KNOWN_PERSISTENT_CLASSES:
         raise UnsupportedPickleError(
             f"the pickle contains the persistent class {name!r}, which is not one of EDM's "
-            f"known classes {sorted(KNOWN_PERSISTENT_CLASSES)}")
+            f"known classes {sorted(KNOWN_PERSISTENT_CLASSES)}: only networks built by EDM's "
+            "training/networks.py can be converted")
     return PickledModule(name, dict(meta.get("state") or {}))
 
 
@@ -145,27 +166,97 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise UnsupportedPickleError(
                 f"refusing to load {module}.{name} from the pickle: only EDM's persistent "
                 "network objects (torch_utils.persistence), torch tensors and plain containers "
-                "are rebuilt, and no code stored in the file is run")
+                "are rebuilt, and no code stored in the file is run: convert an EDM-format "
+                "network pickle (NVlabs/edm, SiD) or a torch.save state dict")
         return found
 
 
+def _one_line(text: str, limit: int = _MAX_DETAIL) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _check_file(path: str):
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, not a checkpoint file: give the path of "
+                                "the .pkl / .bin / .pt file itself")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path!r}")
+        raise FileNotFoundError(f"{path}: checkpoint file not found: check the path (the "
+                                ".pkl / .bin / .pt file to convert)")
+    if os.path.getsize(path) == 0:
+        raise UnreadableCheckpointError(f"{path}: the file is empty (0 bytes): {REDOWNLOAD}")
+
+
+def _head(path: str, n: int = 512) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def describe_unreadable(path: str, e: BaseException) -> str:
+    """One line: `path`, what is wrong with the file (judged from its first bytes and the error
+    reading it raised) and what to do."""
+    head, size = _head(path), os.path.getsize(path)
+    cause = _one_line(f"{type(e).__name__}: {e}")
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        what = (f"a truncated or damaged zip archive (torch.save format; {size} bytes; the zip "
+                "directory at its end is missing)")
+    elif head.startswith(b"PK\x03\x04"):
+        what = (f"a zip archive that torch.load cannot read: not a torch.save file, or damaged "
+                f"({size} bytes; {cause})")
+    elif head.startswith(b"version https://git-lfs"):
+        return (f"{path}: a Git LFS pointer file, not the checkpoint itself: run `git lfs pull` "
+                "in its repository, or download the file directly")
+    elif head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        what = "an HTML page, not a pickle (a failed download?)"
+    elif isinstance(e, EOFError) or "truncated" in str(e):
+        what = f"truncated or not a pickle: the data ends early ({size} bytes; {cause})"
+    elif _looks_like_text(head):
+        first = head.decode("utf-8", "replace").strip().splitlines()[0] if head.strip() else ""
+        what = f"a text file, not a pickle (it starts with {_one_line(first, 40)!r})"
+    else:
+        what = f"damaged or not a pickle ({size} bytes; {cause})"
+    return f"{path}: {what}: {REDOWNLOAD}"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if not head or b"\x00" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:           # the 512-byte cut may split a character
+        try:
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return all(c.isprintable() or c in "\t\r\n" for c in text)
 
 
 def load_edm_pickle(path: str) -> dict:
     """The top-level dict of an EDM-format pickle, networks as `PickledModule`s.
 
-    Raises FileNotFoundError for a missing file and UnsupportedPickleError (a ValueError) naming
-    the first class or function the file asks for that is not on the allow-list.
+    Raises FileNotFoundError for a missing file, UnsupportedPickleError (a ValueError) naming
+    the first class or function the file asks for that is not on the allow-list, and
+    UnreadableCheckpointError (a ValueError) for an empty, truncated or otherwise damaged file or
+    one that is no pickle at all.  Every message is one line that starts with `path`.
     """
     _check_file(path)
-    with open(path, "rb") as f:
-        data = _RestrictedUnpickler(f).load()
+    try:
+        with open(path, "rb") as f:
+            data = _RestrictedUnpickler(f).load()
+    except UnsupportedPickleError as e:
+        raise UnsupportedPickleError(f"{path}: {e}") from e
+    except (ImportError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001  anything a damaged file makes the unpickler raise
+        raise UnreadableCheckpointError(describe_unreadable(path, e)) from e
+    if type(data) is int and data == _LEGACY_TORCH_MAGIC:
+        raise UnsupportedPickleError(
+            f"{path}: a torch.save file in the legacy (torch < 1.6) format, which is not read: "
+            "re-save it with torch.save(torch.load(old), new) and convert the new file")
     if not isinstance(data, dict):
         raise UnsupportedPickleError(f"{path}: expected a pickled dict (EDM snapshot layout, "
-                                     f"e.g. with key 'ema'), got {type(data).__name__}")
+                                     f"e.g. with key 'ema'), got {type(data).__name__}: "
+                                     f"{REDOWNLOAD}")
     return data
 
 
@@ -187,14 +278,36 @@ def module_tensors(module: PickledModule, prefix: str = "") -> dict[str, np.ndar
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A `torch.save`d state dict (name -> tensor) as numpy arrays, via weights_only loading."""
+    """A `torch.save`d state dict (name -> tensor) as numpy arrays, via weights_only loading.
+
+    Errors (one line, starting with `path`): UnsupportedPickleError for an archive that asks for
+    a class torch's weights_only loader does not rebuild or holds something other than a dict of
+    tensors, UnreadableCheckpointError for a damaged or truncated file.
+    """
     _check_file(path)
     torch = _torch()
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (ImportError, PermissionError):
+        raise
     except pickle.UnpicklingError as e:
-        raise UnsupportedPickleError(f"{path}: not a plain torch state dict ({e})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if refused is None:
+            raise UnreadableCheckpointError(describe_unreadable(path, e)) from e
+        raise UnsupportedPickleError(
+            f"{path}: not a plain torch state dict: it asks for {refused.group(1)}, which "
+            "torch's weights_only loader does not rebuild (and no code stored in the file is "
+            "run): save the network's state_dict() alone") from e
+    except Exception as e:  # noqa: BLE001  a damaged archive raises RuntimeError, EOFError, ...
+        raise UnreadableCheckpointError(describe_unreadable(path, e)) from e
+    if not isinstance(sd, dict):
         raise UnsupportedPickleError(f"{path}: expected a dict of tensors (a state_dict), got "
-                                     f"{type(sd).__name__}")
+                                     f"{type(sd).__name__}: save the network's state_dict()")
+    not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        k = not_tensors[0]
+        raise UnsupportedPickleError(
+            f"{path}: expected a dict of tensors (a state_dict), but entry {str(k)!r} is a "
+            f"{type(sd[k]).__name__} ({len(not_tensors)} of {len(sd)} entries are not tensors): "
+            "save the network's state_dict() alone")
     return {k: _to_numpy(v) for k, v in sd.items()}
