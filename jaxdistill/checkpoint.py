@@ -59,10 +59,16 @@ def manager(directory: str, *, keep: int = 3, best_metric: str = "",
 
 # --- fingerprints ----------------------------------------------------------------------------
 
+def leaf_name(path) -> str:
+    """'params/block0/kernel': a leaf's path by key names only, the same whether the tree is the
+    method's dataclass or the nested dicts Orbax restores without a target."""
+    return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+
 def structure(tree) -> list[list]:
-    """[path, shape, dtype] of every leaf (arrays, ShapeDtypeStructs or numpy arrays)."""
+    """[name, shape, dtype] of every leaf (arrays, ShapeDtypeStructs or numpy arrays)."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [[jax.tree_util.keystr(path), list(np.shape(x)), _dtype_name(x)] for path, x in leaves]
+    return [[leaf_name(path), list(np.shape(x)), _dtype_name(x)] for path, x in leaves]
 
 
 def _dtype_name(x) -> str:
@@ -105,16 +111,17 @@ def _fingerprints(leaves):
     return jnp.stack([d for d, _ in pairs]), jnp.stack([f for _, f in pairs])
 
 
-def fingerprint(tree) -> tuple[list[list[int]], list[str]]:
-    """(digest per leaf as [sum1, sum2], paths of leaves holding NaN / Inf). Every process calls it
-    for a sharded state; the result is the same everywhere."""
+def fingerprint(tree) -> tuple[dict[str, list[int]], list[str]]:
+    """({leaf name: [sum1, sum2]}, names of leaves holding NaN / Inf). Every process calls it for
+    a sharded state; the result is the same everywhere."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     if not leaves:
-        return [], []
+        return {}, []
     digests, finite = _fingerprints([x for _, x in leaves])
     digests, finite = _host_value(digests), _host_value(finite)
-    bad = [jax.tree_util.keystr(path) for (path, _), ok in zip(leaves, finite) if not ok]
-    return digests.astype(np.int64).tolist(), bad
+    names = [leaf_name(path) for path, _ in leaves]
+    return (dict(zip(names, digests.astype(np.int64).tolist())),
+            [name for name, ok in zip(names, finite) if not ok])
 
 
 def _host_value(x: jax.Array) -> np.ndarray:
@@ -173,9 +180,10 @@ def read_step(mngr: ocp.CheckpointManager, step: int, abstract_state=None,
         raise CorruptCheckpointError(f"arrays unreadable ({_reason(e)})") from e
     digest, nonfinite = fingerprint(state)
     if "digest" in meta and digest != meta["digest"]:
-        paths = [p for (p, _, _), a, b in zip(meta["structure"], digest, meta["digest"]) if a != b]
+        names = sorted(n for n in set(digest) | set(meta["digest"])
+                       if digest.get(n) != meta["digest"].get(n))
         raise CorruptCheckpointError(f"contents differ from the saved digest in "
-                                     f"{', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}")
+                                     f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
     if nonfinite:
         raise CorruptCheckpointError(f"NaN/Inf values in {', '.join(nonfinite[:3])}")
     return state, meta
