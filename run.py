@@ -67,10 +67,16 @@ def _write_samples(config, workdir: str, n: int, path: str) -> None:
 
 
 class _QuietLibraries(std_logging.Filter):
-    """Keeps Orbax's per-save INFO chatter out of the console; its warnings still show."""
+    """Keeps Orbax's per-save INFO chatter out of the console; its warnings still show, and its
+    errors as their one-line message (a failed background save, e.g. a full disk, ends the run
+    with one `error:` line; --verbose keeps their tracebacks)."""
 
     def filter(self, record):
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        if record.levelno >= std_logging.ERROR and not errors.verbose_requested():
+            record.exc_info, record.exc_text = None, None
+        return record.levelno >= std_logging.WARNING
 
 
 def main(argv):

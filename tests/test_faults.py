@@ -211,6 +211,21 @@ def test_a_diverged_state_is_never_kept_as_the_last_checkpoint(tmp_path):
     assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(state.params)) < 100
 
 
+def test_a_diverged_final_or_preemption_save_is_caught_at_resume(tmp_path):
+    """A save with no step after it (the final one, or SIGTERM's) cannot be confirmed by the run
+    that wrote it; the first step of the resumed run confirms it or sets it aside."""
+    cfg = tiny_config(2)
+    cfg.optim.lr = 1e30
+    cfg.train.update(ckpt_every=1, log_every=5)
+    train.train(cfg, str(tmp_path))  # ends at step 2 with weights about 1e27: finite, diverged
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+    cfg.train.num_steps = 10
+    with pytest.raises(train.NonFiniteLossError, match=r"at step 3.*step 2.*diverged"):
+        train.train(cfg, str(tmp_path))
+    _, meta = train.load_state(cfg, str(tmp_path))
+    assert meta["step"] == 1
+
+
 def test_save_refuses_a_non_finite_state(tmp_path):
     mngr = checkpoint.manager(str(tmp_path))
     checkpoint.save(mngr, 1, {"w": np.ones(3, np.float32)}, {"step": 1})
