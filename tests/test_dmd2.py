@@ -14,6 +14,7 @@ from jaxdistill.eval import compare
 from jaxdistill.methods import common, dmd2, msd
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from equality import assert_losses_close, assert_updates_close, sgd_regime  # noqa: E402
 from test_ctm import assert_modes_within_30_percent  # noqa: E402
 from test_edm import load_config  # noqa: E402
 
@@ -216,10 +217,8 @@ def test_dmd2_sharded_step_equals_single_device():
     ref, ref_hist = _run(cfg, 3)
     mesh = parallel.make_mesh(mlc.ConfigDict({"data": 2, "fsdp": 4}))
     state, hist = _run(cfg, 3, mesh)
-    for (_, _, m), (_, _, m_ref) in zip(hist, ref_hist):
-        np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+    assert_losses_close([m["loss"] for _, _, m in hist], [m["loss"] for _, _, m in ref_hist])
+    assert_updates_close(state, ref, ref_hist[0][0])
 
 
 def test_dmd2_resume_is_bit_identical(tmp_path):
@@ -250,6 +249,9 @@ def test_msd_partition_covers_every_class_exactly_once():
     assert [len(g) for g in msd.partition(cfg)] == [5, 1, 1, 1]
 
 
+    # AdamW in its SGD regime: updates linear in the gradients, so the states agree at float32
+    # tolerance (Adam would amplify reassociation noise in tiny gradients up to ~lr; equality.py).
+    sgd_regime(cfg, "method.guidance_lr")
 def test_msd_students_train_on_their_classes_and_route_at_sampling():
     cfg = load_config("msd_mixture2d")
     cfg.network.hidden = 16

@@ -15,6 +15,7 @@ import pytest
 from jaxdistill import train
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from equality import assert_updates_close, sgd_regime  # noqa: E402
 from test_edm import ROOT  # noqa: E402
 from test_run import tiny_config  # noqa: E402
 
@@ -124,16 +125,28 @@ def test_two_processes_train_like_one(tmp_path):
     """jax.distributed on localhost: 2 processes x 2 CPU devices train like 1 process x 8."""
     workdir = str(tmp_path / "two")
     port = _free_port()
+    # 4 devices against 8: gradients are reassociated, so compare in Adam's SGD regime (no warm-up,
+    # so that 6 steps move the params well above rounding); tolerances in equality.py.
+    cfg = sgd_regime(tiny_config(6))
+    cfg.optim.lr_rampup_images = 0
+    optim = [f"--config.optim.{k}={cfg.optim[k]!r}" for k in ("lr", "eps", "lr_rampup_images")]
     common = [f"--workdir={workdir}", "--config.train.num_steps=6", "--config.train.ckpt_every=6",
-              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", *optim]
     procs = [cli([*common, f"--process_id={i}"], devices=2) for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     # Both processes wrote their shards of the checkpoint.
     assert glob.glob(os.path.join(workdir, "checkpoints", "6", "state", "ocdbt.process_1*"))
-    state, meta = params_of(workdir, 6)
+    state, meta = train.load_state(cfg, workdir)
     assert meta["step"] == 6
-    single = train.train(tiny_config(6), str(tmp_path / "one"))
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(single)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    single = train.train(cfg, str(tmp_path / "one"))
+    # Both runs started from the state train.train initialises (key split as it does).
+    init = jax.device_get(train.build(cfg).init(jax.random.split(jax.random.key(cfg.seed), 3)[0],
+                                                None))
+    # (checked: 6 small steps stay near it; another key would put the params O(1) away.)
+    pairs = list(zip(jax.tree.leaves(jax.device_get(single.params)),
+                     jax.tree.leaves(init.params)))
+    moved = np.sqrt(sum(np.sum((np.asarray(p, np.float64) - p0) ** 2) for p, p0 in pairs))
+    assert moved < 0.5 * np.sqrt(sum(np.sum(np.asarray(p0, np.float64) ** 2) for _, p0 in pairs))
+    assert_updates_close(state, single, init)

@@ -11,6 +11,8 @@ import pytest
 from jaxdistill import checkpoint, data, parallel, train
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from equality import (UPDATE_RTOL, assert_losses_close, assert_updates_close,  # noqa: E402
+                      sgd_regime)
 from test_edm import load_config  # noqa: E402
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -25,16 +27,25 @@ def small_config():
     return cfg
 
 
+def equality_config():
+    """small_config with Adam in its SGD regime (tests/equality.py): the updates are linear in
+    the gradients, so sharded and single-device states agree at float32 tolerance."""
+    return sgd_regime(small_config())
+
+
 def run_steps(cfg, mesh, num_steps=3):
+    """(state, init, losses, grad_norms) after `num_steps` steps; `init` on the host."""
     program = train.build(cfg, mesh)
     state = program.init(jax.random.key(0), None)
+    init = jax.device_get(state)  # the step donates its input
     batches = data.batches(cfg.data, batch_size=cfg.train.batch_size, seed=0)
-    losses = []
+    losses, grad_norms = [], []
     for _ in range(num_steps):
         state, metrics = program.step(state, None, parallel.shard_batch(next(batches), mesh),
                                       jax.random.key(1))
         losses.append(float(metrics["loss"]))
-    return state, losses
+        grad_norms.append(float(metrics["grad_norm"]))
+    return state, init, losses, grad_norms
 
 
 def mesh_of(shape):
@@ -43,7 +54,7 @@ def mesh_of(shape):
 
 @pytest.fixture(scope="module")
 def single_device_run():
-    cfg = small_config()
+    cfg = equality_config()
     mesh = parallel.make_mesh(mlc.ConfigDict({"data": 1, "fsdp": 1}), devices=jax.devices()[:1])
     return run_steps(cfg, mesh)
 
@@ -54,11 +65,16 @@ def test_eight_devices_are_present():
 
 @pytest.mark.parametrize("shape", MESHES)
 def test_sharded_step_equals_single_device(shape, single_device_run):
-    ref_state, ref_losses = single_device_run
-    state, losses = run_steps(small_config(), mesh_of(shape))
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+    # Not Adam's params at a fixed tolerance: Adam turns reassociation noise in a tiny gradient
+    # into an update change of up to lr (3.4e-6 seen on another machine against atol 2e-6), and
+    # is blind to the gradient's scale. In the SGD regime every leaf's change from init is linear
+    # in the gradients and agrees to float32 reassociation error (derivation in equality.py).
+    ref_state, init, ref_losses, ref_grad_norms = single_device_run
+    state, _, losses, grad_norms = run_steps(equality_config(), mesh_of(shape))
+    assert_losses_close(losses, ref_losses)
+    # Global gradient norms: dominated by the largest gradients, which agree to UPDATE_RTOL.
+    np.testing.assert_allclose(grad_norms, ref_grad_norms, rtol=UPDATE_RTOL)
+    assert_updates_close(state, ref_state, init)
     if shape[1] > 1:
         kernel = state.params["block0_dense"]["kernel"]
         assert "fsdp" in kernel.sharding.spec, kernel.sharding
