@@ -56,8 +56,14 @@ def changed(a, b):
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_generator_and_discriminator_alternate(mlp_teacher):
-    history = run(gan_config(mlp_teacher), 4)
+@pytest.fixture(scope="module")
+def alternating(mlp_teacher):
+    """(state, metrics) before and after each of 4 GAN steps (G, D, G, D)."""
+    return run(gan_config(mlp_teacher), 4)
+
+
+def test_generator_and_discriminator_alternate(alternating):
+    history = alternating
     for i in range(1, 5):
         (before, _), (after, metrics) = history[i - 1], history[i]
         if (i - 1) % 2 == 0:  # even step: generator
@@ -71,6 +77,29 @@ def test_generator_and_discriminator_alternate(mlp_teacher):
             assert np.isfinite(metrics["d_loss"]) and metrics["d_loss"] > 0
         # The frozen random projections never change.
         assert not changed(before.disc_consts, after.disc_consts)
+
+
+def test_every_step_reports_both_phases_from_their_last_update(alternating):
+    """A logged step reports both phases (the trainer fetches metrics only every log_every-th
+    step, which with an even log_every is always a D step): the generator's metrics from its last
+    step, the discriminator's from its last (0 with d_last_step 0 before it ran), and the step
+    numbers (as logged) each ran at."""
+    metrics = [m for _, m in alternating[1:]]           # logged steps 1..4: G, D, G, D
+    # Step 2 ran the discriminator only: it reports step 1's generator losses, not 0.
+    assert float(metrics[1]["ctm_loss"]) == float(metrics[0]["ctm_loss"]) != 0.0
+    gen = ("loss", "ctm_loss", "dsm_loss", "gan_g_loss", "gan_lambda", "grad_norm")
+    for i, m in enumerate(metrics):
+        g, d = (i // 2) * 2, (i - 1) // 2 * 2 + 1     # 0-based index of the last G / D step
+        assert int(m["gen_last_step"]) == g + 1
+        for k in gen:
+            assert float(m[k]) == float(metrics[g][k]) and float(m[k]) != 0.0, (i, k)
+        if i == 0:
+            assert int(m["disc_last_step"]) == 0 and float(m["d_loss"]) == 0.0  # not run yet
+        else:
+            assert int(m["disc_last_step"]) == d + 1
+            assert float(m["d_loss"]) == float(metrics[d]["d_loss"]) > 0
+            assert float(m["d_grad_norm"]) == float(metrics[d]["d_grad_norm"]) > 0
+    assert float(metrics[3]["ctm_loss"]) != float(metrics[1]["ctm_loss"])  # G step 3 is fresh
 
 
 def test_gan_switches_on_at_its_start_step(mlp_teacher):

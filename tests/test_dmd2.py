@@ -112,9 +112,14 @@ def _changed(a, b):
     return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_ttur_updates_generator_every_fifth_step_and_guidance_every_step():
-    cfg = _tiny(tsm_steps=2)
-    _, history = _run(cfg, 14)
+@pytest.fixture(scope="module")
+def ttur_history():
+    """14 steps of the tiny DMD2 run: 2 TSM steps, then the generator every 5th step."""
+    return _run(_tiny(tsm_steps=2), 14)[1]
+
+
+def test_ttur_updates_generator_every_fifth_step_and_guidance_every_step(ttur_history):
+    history = ttur_history
     for i, (before, after, metrics) in enumerate(history):
         gen_step = i < 2 or (i - 2) % 5 == 0        # TSM steps update both, then 1 in 5
         assert _changed(before.params, after.params) == gen_step, i
@@ -123,6 +128,39 @@ def test_ttur_updates_generator_every_fifth_step_and_guidance_every_step():
         # The GAN head trains only after TSM.
         assert _changed(before.guide_params["head"], after.guide_params["head"]) == (i >= 2), i
     assert int(history[-1][1].step) == 14
+
+
+def test_every_step_reports_each_phases_metrics_from_its_last_update(ttur_history):
+    """The trainer logs only every log_every-th step's metrics: with log_every = 5 those steps
+    (5, 10, ...) are never generator steps. Every step reports the generator's losses from its
+    last update (never a 0 placeholder), the fake score's from this step, TSM's from its last
+    step, and the step number (as logged) each phase last ran at."""
+    # Logged step 5 (0-based 4) ran no generator update: it reports step 3's DM loss, not 0.
+    assert float(ttur_history[4][2]["dm_loss"]) == float(ttur_history[2][2]["dm_loss"]) != 0.0
+    gen_steps = [i for i in range(14) if i < 2 or (i - 2) % 5 == 0]   # 0-based: TSM 0, 1; 2, 7, 12
+    fresh = {}                                                         # values where they ran
+    for i, (_, _, m) in enumerate(ttur_history):
+        logged = i + 1                                                 # the trainer's step number
+        if i < 2:
+            assert int(m["tsm_last_step"]) == logged and float(m["tsm_loss"]) > 0
+            assert float(m["loss"]) == float(m["tsm_loss"])
+            assert int(m["gen_last_step"]) == int(m["guide_last_step"]) == 0  # not run yet
+            fresh["tsm"] = {k: m[k] for k in ("tsm_loss", "tsm_fake_loss", "tsm_grad_norm")}
+            continue
+        assert int(m["tsm_last_step"]) == 2
+        for k, v in fresh["tsm"].items():
+            assert float(m[k]) == float(v), (i, k)
+        assert int(m["guide_last_step"]) == logged and float(m["fake_loss"]) > 0
+        last_gen = max(g for g in gen_steps if g <= i)
+        assert int(m["gen_last_step"]) == last_gen + 1, i
+        gen = ("gen_loss", "dm_loss", "gen_gan_loss", "gen_grad_norm")
+        if i == last_gen:
+            fresh["gen"] = {k: m[k] for k in gen}
+        for k in gen:
+            assert float(m[k]) == float(fresh["gen"][k]) and float(m[k]) != 0.0, (i, k)
+        assert float(m["loss"]) == pytest.approx(float(m["gen_loss"]) + float(m["guide_loss"]))
+    assert int(ttur_history[4][2]["gen_last_step"]) == 3
+    assert "reg_loss" not in ttur_history[4][2]   # not in this config's objective
 
 
 def test_init_copies_the_teacher_network(tmp_path):
@@ -214,6 +252,9 @@ def test_dmd2_sharded_step_equals_single_device():
     cfg = _tiny(tsm_steps=1, dfake_gen_update_ratio=2)
     cfg.train.batch_size = 64
     cfg.mesh.min_shard_size = 256
+    # AdamW in its SGD regime: updates linear in the gradients, so the states agree at float32
+    # tolerance (Adam would amplify reassociation noise in tiny gradients up to ~lr; equality.py).
+    sgd_regime(cfg, "method.guidance_lr")
     ref, ref_hist = _run(cfg, 3)
     mesh = parallel.make_mesh(mlc.ConfigDict({"data": 2, "fsdp": 4}))
     state, hist = _run(cfg, 3, mesh)
@@ -249,9 +290,6 @@ def test_msd_partition_covers_every_class_exactly_once():
     assert [len(g) for g in msd.partition(cfg)] == [5, 1, 1, 1]
 
 
-    # AdamW in its SGD regime: updates linear in the gradients, so the states agree at float32
-    # tolerance (Adam would amplify reassociation noise in tiny gradients up to ~lr; equality.py).
-    sgd_regime(cfg, "method.guidance_lr")
 def test_msd_students_train_on_their_classes_and_route_at_sampling():
     cfg = load_config("msd_mixture2d")
     cfg.network.hidden = 16
@@ -259,6 +297,10 @@ def test_msd_students_train_on_their_classes_and_route_at_sampling():
     cfg.method.tsm_steps = 1
     state, history = _run(cfg, 3)
     k = cfg.method.num_students
+    # Step 2 (after TSM) updated every generator, step 3 none: it reports step 2's DM loss.
+    (_, _, m2), (_, _, m3) = history[1], history[2]
+    assert float(m3["gen_updated"]) == 0.0 and float(m3["dm_loss"]) == float(m2["dm_loss"]) > 0
+    assert float(m3["gen_last_step"]) == 2.0
     assert state.params["input"]["kernel"].shape[0] == k and state.step.shape == ()
     # Each student is its own network: after training their params differ.
     kern = np.asarray(state.params["output"]["kernel"])

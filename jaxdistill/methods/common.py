@@ -208,3 +208,51 @@ def distance(config, a, b, lpips_params=None):
         # pooling, inputs bilinearly resized to 224 (sony/ctm code/cm/enc_dec_lib.py).
         return lpips.lpips_distance(lpips_params, a, b, pooling="avg")
     raise ValueError(f"config.method.distance={mc.distance!r} is not l2, pseudo_huber or lpips")
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-phase metrics of methods whose phases alternate (DMD2's TTUR, CTM's GAN).
+#
+# The trainer fetches metrics only at logging steps, which may never be a step that ran a given
+# phase (DMD2's generator runs every 5th step: with log_every = 5 it never runs on a logged step).
+# So each phase records its metrics in the state when it runs (inside its lax.cond branch) and
+# every step reports the recorded values of every phase, plus `<phase>_last_step`: the step
+# number (as the trainer logs it, state.step after that update) of the last update that ran the
+# phase; 0 = not run yet (its metrics are then the initial zeros).
+
+
+def init_phase_log(phases) -> dict:
+    """{phase: {metric: 0.0 for each metric, 'last_step': 0}} for `phases` {phase: metric names}.
+
+    Metric names must be unique across phases (they are reported flat)."""
+    names = [m for metrics in phases.values() for m in metrics]
+    if len(names) != len(set(names)) or "last_step" in names:
+        raise ValueError(f"phase metric names must be unique and not 'last_step': {phases}")
+    return {phase: {"last_step": jnp.zeros((), jnp.int32),
+                    **{m: jnp.zeros((), jnp.float32) for m in metrics}}
+            for phase, metrics in phases.items()}
+
+
+def record_phase(log: dict, phase: str, step: jax.Array, metrics: dict) -> dict:
+    """`log` with `phase`'s entry replaced by `metrics` ran at the update to step number `step`.
+
+    Call it in the branch that runs the phase. `metrics` must hold exactly the phase's metrics.
+    """
+    entry = log[phase]
+    if set(metrics) != set(entry) - {"last_step"}:
+        raise ValueError(f"phase {phase!r} records {sorted(set(entry) - {'last_step'})}, "
+                         f"got {sorted(metrics)}")
+    new = {k: jnp.asarray(v, entry[k].dtype).reshape(entry[k].shape) for k, v in metrics.items()}
+    return {**log, phase: dict(new, last_step=jnp.asarray(step, jnp.int32))}
+
+
+def phase_metrics(log: dict, phases=None) -> dict:
+    """The recorded metrics flat, plus `<phase>_last_step` for each phase: of every phase, or of
+    `phases` {phase: metric names} only (what a config's objective has)."""
+    if phases is None:
+        phases = {p: [m for m in entry if m != "last_step"] for p, entry in log.items()}
+    out = {}
+    for phase, names in phases.items():
+        out.update({m: log[phase][m] for m in names})
+        out[f"{phase}_last_step"] = log[phase]["last_step"]
+    return out

@@ -23,7 +23,10 @@ shared/research/ctm_dmd2_msd.md section 1):
     G_sg-(G_theta(x_t, t, s), s, sigma_min), generator weight ||grad_L L_CTM|| / ||grad_L L_G||
     clipped to [0.01, 10], generator and discriminator steps alternating (g_learning_period = 2,
     even steps generator), switched on at `gan_start_step` (e.g. after a CTM+DSM phase: the state
-    always carries the discriminator, so a CTM+DSM checkpoint resumes with the GAN on).
+    always carries the discriminator, so a CTM+DSM checkpoint resumes with the GAN on). Each
+    phase records its metrics in the state when it runs and, with the GAN on, every step reports
+    both phases' last recorded metrics with `gen_last_step` / `disc_last_step`
+    (common.record_phase), so a logging step shows both whichever phase it ran.
     Backbones (`config.method.gan_backbones`), one discriminator each, losses averaged over them
     (sony/ctm karras_diffusion.get_GAN_loss / enc_dec_lib.get_xl_feature, which also draws
     separate DiffAugment parameters per backbone): "teacher" = the frozen teacher network's
@@ -64,6 +67,17 @@ class CTMState:
     disc_params: Any          # {backbone: discriminator heads} ({} when not buildable)
     disc_consts: Any          # {backbone: {"disc": projections, "backbone": random frozen parts}}
     disc_opt_state: Any
+    phase_log: Any            # each phase's metrics at its last update (init_phase_log(PHASES))
+
+
+# The metrics each phase records when it runs (the same with the GAN on or off, so the state's
+# structure is too): the generator's update ('loss' is its objective) and the discriminator's.
+PHASES = {
+    "gen": ("loss", "ctm_loss", "dsm_loss", "dsm_lambda", "gan_g_loss", "gan_lambda",
+            "heun_steps", "grad_norm"),
+    "disc": ("d_loss", "d_grad_norm"),
+}
+_GAN_ONLY = ("gan_g_loss", "gan_lambda")
 
 
 def make_disc_optimizer(config) -> optax.GradientTransformation:
@@ -154,7 +168,8 @@ def init(config, rng: jax.Array, teacher=None) -> CTMState:
                     ema_params=tuple(copy() for _ in config.method.eval_emas), consts=consts,
                     opt_state=make_optimizer(config).init(params), disc_params=disc_params,
                     disc_consts=disc_consts,
-                    disc_opt_state=make_disc_optimizer(config).init(disc_params))
+                    disc_opt_state=make_disc_optimizer(config).init(disc_params),
+                    phase_log=common.init_phase_log(PHASES))
 
 
 def jump(denoiser, variables, x, t, s, labels=None, *, train=False, rng=None):
@@ -210,7 +225,9 @@ def dsm_sigmas(key: jax.Array, n: int, mc):
 
 
 def train_step(config):
-    """step(state, teacher, batch, rng) -> (state, metrics): one CTM + DSM generator update."""
+    """step(state, teacher, batch, rng) -> (state, metrics): one CTM + DSM generator update, or
+    with the GAN on, a generator or discriminator update; the metrics are then both phases' last
+    recorded ones with `gen_last_step` / `disc_last_step` (0: not run yet)."""
     mc = config.method
     denoiser = common.build_denoiser(config)
     teacher_net = common.teacher_denoiser(config)
@@ -303,7 +320,7 @@ def train_step(config):
                                                                clip=(0.01, 10.0))
                 grads = jax.tree.map(lambda a, b: a + lam_gan * b, grads, g_gan)
                 loss = loss + lam_gan * l_gan
-                metrics.update(gan_g_loss=l_gan, gan_lambda=lam_gan, d_loss=jnp.zeros(()))
+                metrics.update(gan_g_loss=l_gan, gan_lambda=lam_gan)
             grads = common.sanitize_grads(grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -312,8 +329,10 @@ def train_step(config):
                                for e, rate in zip(state.ema_params, mc.eval_emas))
             metrics.update(loss=loss, heun_steps=k.astype(jnp.float32),
                            grad_norm=optax.tree.norm(grads))
+            log = common.record_phase(state.phase_log, "gen", state.step + 1,
+                                      dict({m: 0.0 for m in _GAN_ONLY}, **metrics))
             return state.replace(step=state.step + 1, params=params, target_params=target_params,
-                                 ema_params=ema_params, opt_state=opt_state), metrics
+                                 ema_params=ema_params, opt_state=opt_state, phase_log=log)
 
         def discriminator_update(state):
             fake = jax.lax.stop_gradient(estimate_fn(state.params))
@@ -326,20 +345,22 @@ def train_step(config):
             l_d, g_d = jax.value_and_grad(d_loss)(state.disc_params)
             updates, disc_opt_state = d_tx.update(common.sanitize_grads(g_d),
                                                   state.disc_opt_state, state.disc_params)
-            zero = jnp.zeros(())
-            metrics = {"ctm_loss": zero, "dsm_loss": zero, "dsm_lambda": zero,
-                       "gan_g_loss": zero, "gan_lambda": zero, "d_loss": l_d, "loss": l_d,
-                       "heun_steps": zero, "grad_norm": optax.tree.norm(g_d)}
+            log = common.record_phase(state.phase_log, "disc", state.step + 1,
+                                      {"d_loss": l_d, "d_grad_norm": optax.tree.norm(g_d)})
             return state.replace(step=state.step + 1,
                                  disc_params=optax.apply_updates(state.disc_params, updates),
-                                 disc_opt_state=disc_opt_state), metrics
+                                 disc_opt_state=disc_opt_state, phase_log=log)
 
         if not gan:
-            return generator_update(state)
+            # Every step is a generator step: its fresh metrics (the GAN's left out).
+            state = generator_update(state)
+            return state, {m: state.phase_log["gen"][m] for m in PHASES["gen"]
+                           if m not in _GAN_ONLY}
         # Official alternation (g_learning_period = 2): even steps generator, odd discriminator.
         is_d_step = ((state.step >= mc.gan_start_step)
                      & (state.step % mc.g_learning_period == mc.g_learning_period - 1))
-        return jax.lax.cond(is_d_step, discriminator_update, generator_update, state)
+        state = jax.lax.cond(is_d_step, discriminator_update, generator_update, state)
+        return state, common.phase_metrics(state.phase_log)
 
     return step
 

@@ -16,7 +16,10 @@ shared/research/ctm_dmd2_msd.md section 2 and msd_lowdiff_dmd1.md section 3):
     j ~ U{0..999}, for real (with labels) and generated images; softplus losses, weights 3e-3
     (generator) and 1e-2 (fake-score side); the D gradient also trains the fake network.
   - TTUR: the fake score and head update every step, the generator every 5th step (step % 5 == 0),
-    both inside one jitted step (`lax.cond`, no recompiles).
+    both inside one jitted step (`lax.cond`, no recompiles). Each phase (TSM, generator, fake
+    score) records its metrics in the state when it runs and every step reports the last recorded
+    ones with `<phase>_last_step` (common.record_phase), so a logging step that is not a
+    generator step still shows the generator's last losses.
   - AdamW (0.9, 0.999), weight decay 0.01, constant lr after 500 warm-up updates, clip norm 10.
   - Backward simulation (K > 1, main/sd_unified_model.py): one k ~ U{0..K-1} per batch; the
     current generator (no grad) runs k steps from pure noise and its output is re-noised to the
@@ -51,6 +54,31 @@ class DMD2State:
     guide_params: Any     # {'fake': fake-score params, 'head': GAN classifier head params}
     opt_state: Any
     guide_opt_state: Any
+    phase_log: Any        # each phase's metrics at its last update (common.init_phase_log(PHASES))
+
+
+# The metrics each phase records when it runs (the same for every config, so the state's
+# structure is too): teacher score matching (MSD), the generator's update and the fake-score /
+# GAN-head update. 'gen_loss' / 'guide_loss' are each side's total objective.
+PHASES = {
+    "tsm": ("tsm_loss", "tsm_fake_loss", "tsm_grad_norm"),
+    "gen": ("gen_loss", "dm_loss", "gen_gan_loss", "reg_loss", "gen_grad_norm"),
+    "guide": ("guide_loss", "fake_loss", "guide_gan_loss", "guide_grad_norm"),
+}
+
+
+def reported_metrics(config) -> dict:
+    """{phase: metrics} a step reports for `config`: the phases and loss terms it has."""
+    mc = config.method
+    skip = set()
+    if not uses_gan(config):
+        skip |= {"gen_gan_loss", "guide_gan_loss"}
+    if mc.regression_weight <= 0:
+        skip.add("reg_loss")
+    phases = {p: tuple(m for m in names if m not in skip) for p, names in PHASES.items()}
+    if mc.tsm_steps <= 0:
+        del phases["tsm"]
+    return phases
 
 
 def sigma_table(num: int) -> jax.Array:
@@ -113,16 +141,20 @@ def init(config, rng: jax.Array, teacher=None) -> DMD2State:
     gen_tx, guide_tx = make_optimizers(config)
     return DMD2State(step=jnp.zeros((), jnp.int32), params=params, consts=consts,
                      guide_params=guide, opt_state=gen_tx.init(params),
-                     guide_opt_state=guide_tx.init(guide))
+                     guide_opt_state=guide_tx.init(guide),
+                     phase_log=common.init_phase_log(PHASES))
 
 
 def make_update(config):
     """update(state, teacher, batch, key, gen_labels, real_weight) -> (state, metrics).
 
     One TTUR step: the fake score and head always, the generator when its turn comes (or one TSM
-    step while step < tsm_steps). `gen_labels` (M,) are the classes of the M generated examples
-    (None: unconditional); `real_weight` (N,) weights the real examples of the GAN / TSM terms
-    (None: all 1). MSD calls this once per student with that student's classes.
+    step while step < tsm_steps); each phase records its metrics in `state.phase_log` and the
+    metrics are every phase's last recorded ones (`reported_metrics`) with `<phase>_last_step`,
+    'loss' (the TSM loss during TSM, then generator + fake-score objective) and 'gen_updated'
+    (1 when this step updated the generator). `gen_labels` (M,) are the classes of the M
+    generated examples (None: unconditional); `real_weight` (N,) weights the real examples of the
+    GAN / TSM terms (None: all 1). MSD calls this once per student with that student's classes.
     """
     mc = config.method
     label_dim = config.model.label_dim
@@ -138,6 +170,7 @@ def make_update(config):
     gan = uses_gan(config)
     regression = mc.regression_weight > 0
     lpips_params = common.distance_params(config) if regression else None
+    reported = reported_metrics(config)
 
     def real_denoise(teacher, x, sigma, onehot):
         d = functools.partial(teacher_net, teacher)
@@ -165,10 +198,10 @@ def make_update(config):
                 return jnp.mean(per_example)
             return jnp.sum(real_weight * per_example) / jnp.maximum(jnp.sum(real_weight), 1.0)
 
-        def zero_metrics():
-            return {k: jnp.zeros(()) for k in ("loss", "dm_loss", "gen_gan_loss", "reg_loss",
-                                               "gen_grad_norm", "fake_loss", "guide_gan_loss",
-                                               "guide_grad_norm", "tsm_loss", "gen_updated")}
+        def record(state, phase, metrics):
+            zeros = {m: 0.0 for m in PHASES[phase]}  # terms this config's objective lacks
+            return state.replace(phase_log=common.record_phase(
+                state.phase_log, phase, state.step + 1, dict(zeros, **metrics)))
 
         def apply(tx, grads, opt_state, params):
             grads = common.sanitize_grads(grads)
@@ -196,10 +229,10 @@ def make_update(config):
                                         state.guide_params)
             # The head waits for the GAN (AdamW's weight decay would move it even at zero grad).
             guide = {"fake": guide["fake"], "head": state.guide_params["head"]}
-            metrics = dict(zero_metrics(), tsm_loss=l_gen, loss=l_gen, fake_loss=l_fake,
-                           gen_grad_norm=gnorm, gen_updated=jnp.ones(()))
-            return state.replace(params=params, opt_state=opt_state, guide_params=guide,
-                                 guide_opt_state=guide_opt), metrics
+            state = state.replace(params=params, opt_state=opt_state, guide_params=guide,
+                                  guide_opt_state=guide_opt)
+            return record(state, "tsm", {"tsm_loss": l_gen, "tsm_fake_loss": l_fake,
+                                         "tsm_grad_norm": gnorm})
 
         def generator_input(params):
             """(x, sigma) the generator is trained at: pure noise, or after k of its own steps."""
@@ -254,14 +287,13 @@ def make_update(config):
 
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
             params, opt_state, gnorm = apply(gen_tx, grads, state.opt_state, state.params)
-            metrics = dict(zero_metrics(), **aux, gen_grad_norm=gnorm, gen_updated=jnp.ones(()))
-            metrics["loss"] = loss
-            return state.replace(params=params, opt_state=opt_state), metrics
+            state = state.replace(params=params, opt_state=opt_state)
+            return record(state, "gen", dict(aux, gen_loss=loss, gen_grad_norm=gnorm))
 
         def skip_generator(state):
-            return state, zero_metrics()
+            return state
 
-        def guidance_update(state, metrics):
+        def guidance_update(state):
             x = jax.lax.stop_gradient(generate(state.params))
             k_fake_idx, k_fake_noise, k_idx_r, k_noise_r, k_idx_f, k_noise_f = (
                 next(keys) for _ in range(6))
@@ -289,24 +321,30 @@ def make_update(config):
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.guide_params)
             guide, guide_opt, gnorm = apply(guide_tx, grads, state.guide_opt_state,
                                             state.guide_params)
-            # 'loss': the fake-score side's total plus the generator's when it was updated.
-            metrics = dict(metrics, **aux, guide_grad_norm=gnorm, loss=metrics["loss"] + loss)
-            return state.replace(guide_params=guide, guide_opt_state=guide_opt), metrics
+            state = state.replace(guide_params=guide, guide_opt_state=guide_opt)
+            return record(state, "guide", dict(aux, guide_loss=loss, guide_grad_norm=gnorm))
+
+        in_tsm = state.step < mc.tsm_steps
+        is_gen_step = (state.step - mc.tsm_steps) % mc.dfake_gen_update_ratio == 0
 
         def distill_update(state):
-            distill_step = state.step - mc.tsm_steps
-            is_gen_step = distill_step % mc.dfake_gen_update_ratio == 0
             # The generator's step uses the fake score before this step's update (official order).
-            new_state, metrics = jax.lax.cond(is_gen_step, generator_update, skip_generator, state)
-            guided, metrics = guidance_update(state, metrics)
+            new_state = jax.lax.cond(is_gen_step, generator_update, skip_generator, state)
+            guided = guidance_update(state)
             return new_state.replace(guide_params=guided.guide_params,
-                                     guide_opt_state=guided.guide_opt_state), metrics
+                                     guide_opt_state=guided.guide_opt_state,
+                                     phase_log=dict(new_state.phase_log,
+                                                    guide=guided.phase_log["guide"]))
 
         if mc.tsm_steps > 0:
-            state, metrics = jax.lax.cond(state.step < mc.tsm_steps, tsm_update, distill_update,
-                                          state)
+            state = jax.lax.cond(in_tsm, tsm_update, distill_update, state)
         else:
-            state, metrics = distill_update(state)
+            state = distill_update(state)
+        log = state.phase_log
+        metrics = common.phase_metrics(log, reported)
+        loss = log["gen"]["gen_loss"] + log["guide"]["guide_loss"]
+        metrics["loss"] = jnp.where(in_tsm, log["tsm"]["tsm_loss"], loss)
+        metrics["gen_updated"] = (in_tsm | is_gen_step).astype(jnp.float32)
         return state.replace(step=state.step + 1), metrics
 
     return update

@@ -64,7 +64,7 @@ def routing(config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _axes(mapped):
     """vmap axes for a DMD2State: the step is shared, every other field is stacked."""
     return DMD2State(step=None, params=mapped, consts=mapped, guide_params=mapped,
-                     opt_state=mapped, guide_opt_state=mapped)
+                     opt_state=mapped, guide_opt_state=mapped, phase_log=mapped)
 
 
 def init(config, rng: jax.Array, teacher=None) -> DMD2State:
