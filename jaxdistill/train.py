@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from jaxdistill import checkpoint, data, eval as evaluation, lock, methods, parallel, samplers
+from jaxdistill import checkpoint, data, eval as evaluation, lock, methods, parallel
 from jaxdistill import teacher as teacher_lib, visualize
 from jaxdistill.errors import NonFiniteStateError
 
@@ -56,9 +56,7 @@ def _validate_numbers(config) -> None:
     _require(ec.num_samples > 0, "eval.num_samples", ec.num_samples, "must be positive")
     _require(ec.batch_size > 0, "eval.batch_size", ec.batch_size, "must be positive")
     sampler = config.sample.sampler
-    # A method may add samplers of its own (CTM's gamma-sampling).
-    known = sorted(samplers.SAMPLERS) + list(getattr(methods.get(config.method.name),
-                                                     "EXTRA_SAMPLERS", ()))
+    known = list(methods.get(config.method.name).SAMPLERS)
     _require(sampler in known, "sample.sampler", sampler, f"must be one of {known}")
     _require(config.sample.num_steps > 0, "sample.num_steps", config.sample.num_steps,
              "must be positive")

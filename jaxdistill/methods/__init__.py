@@ -2,7 +2,8 @@
 
 Protocol (DESIGN.md): `init(config, rng, teacher) -> state`,
 `train_step(config) -> step(state, teacher, batch, rng) -> (state, metrics)`,
-`sample(config, state, rng, n, labels=None) -> (x, labels)`; optionally
+`sample(config, state, rng, n, labels=None) -> (x, labels)`, `SAMPLERS` (the values of
+`config.sample.sampler` its `sample` accepts, checked at start); optionally
 `extra_batches(config, teacher, workdir, *, batch_size, seed, start_step, process_index,
 process_count) -> iterator of dicts | None`, fields merged into every batch (same leading size).
 """

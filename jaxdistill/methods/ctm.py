@@ -56,6 +56,11 @@ from jaxdistill.networks.discriminator import (ProjectedDiscriminator, adaptive_
                                                hinge_d_loss, hinge_g_loss)
 
 
+# The values of config.sample.sampler this method's `sample` accepts: the student's own denoiser
+# under every generic sampler, or gamma-sampling.
+SAMPLERS = (*sorted(samplers.SAMPLERS), "gamma")
+
+
 @flax.struct.dataclass
 class CTMState:
     step: jax.Array

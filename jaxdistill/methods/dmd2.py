@@ -46,6 +46,9 @@ from jaxdistill.networks import bottleneck_head
 from jaxdistill.networks.bottleneck_head import BottleneckClassifier
 
 
+# config.sample.sampler: the (K-step) generator is the only sampler of a DMD2 student.
+SAMPLERS = ("generator",)
+
 @flax.struct.dataclass
 class DMD2State:
     step: jax.Array

@@ -15,9 +15,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdistill import diffusion
+from jaxdistill import diffusion, samplers
 from jaxdistill.methods import common
 
+
+# The values of config.sample.sampler this method's `sample` accepts.
+SAMPLERS = tuple(sorted(samplers.SAMPLERS))
 
 @flax.struct.dataclass
 class EDMState:

@@ -27,6 +27,8 @@ from jaxdistill.methods import common, dmd2
 from jaxdistill.methods.dmd2 import DMD2State
 
 
+SAMPLERS = dmd2.SAMPLERS  # each student samples with its generator
+
 def partition(config) -> list[list[int]]:
     """The classes of each student: `method.partition` (a list of class lists) or K consecutive
     equal ranges (the paper's default). Every class must belong to exactly one student."""
