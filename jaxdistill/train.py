@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from jaxdistill import checkpoint, data, eval as evaluation, lock, methods, parallel
+from jaxdistill import checkpoint, data, eval as evaluation, lock, methods, networks, parallel
 from jaxdistill import teacher as teacher_lib, visualize
 from jaxdistill.errors import NonFiniteStateError
 
@@ -73,6 +73,11 @@ def validate(config) -> None:
     if config.model.label_dim not in (0, spec.num_classes):
         raise ValueError(f"config.model.label_dim={config.model.label_dim} must be 0 "
                          f"(unconditional) or the data's {spec.num_classes} classes")
+    networks.check_data_fields(config.network, spec.shape, config.model.label_dim,
+                               "config.network")
+    if config.teacher.kind == "checkpoint":
+        networks.check_data_fields(config.teacher.network, spec.shape, config.model.label_dim,
+                                   "config.teacher.network")
     if config.model.compute_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.model.compute_dtype={config.model.compute_dtype!r} must be "
                          "'float32' or 'bfloat16'")

@@ -47,3 +47,30 @@ def test_config_validates_and_builds(name, arg):
 def test_config_arg_is_checked():
     with pytest.raises(ValueError, match="uncond or cond"):
         load_config("edm_cifar10", "conditional")
+
+
+@pytest.mark.parametrize("name,override,message", [
+    # MSD's students must see the classes they are split by (trained unconditional before).
+    ("msd_mixture2d", ("network", "label_dim", 0),
+     r"config.network.label_dim=0 disagrees with config.model.label_dim=8.*set config.network.label_dim=8"),
+    ("edm_mixture2d", ("network", "dim", 3),
+     r"config.network.dim=3 disagrees with config.model.shape=\(2,\).*dim=2"),
+    ("edm_digits", ("network", "img_resolution", 32),
+     r"config.network.img_resolution=32 disagrees with config.model.shape=\(16, 16, 1\)"),
+    ("ctm_digits", ("teacher.network", "label_dim", 0),
+     r"config.teacher.network.label_dim=0 disagrees with config.model.label_dim=10"),
+])
+def test_fields_the_data_fixes_must_agree(name, override, message):
+    cfg = load_config(name)
+    section, field, value = override
+    net = cfg.teacher.network if section == "teacher.network" else cfg.network
+    net[field] = value
+    with pytest.raises(ValueError, match=message):
+        train.validate(cfg)
+
+
+def test_a_missing_class_field_is_named_with_its_default():
+    cfg = load_config("msd_mixture2d")
+    del cfg.network["label_dim"]
+    with pytest.raises(ValueError, match=r"config.network.label_dim=0 \(default\) disagrees"):
+        train.validate(cfg)

@@ -10,6 +10,8 @@ Shared call signature (all networks):
               noise_labels_s=None, guidance=None, cond=None, augment_labels=None,
               return_features=False, rngs={'dropout': key})
 """
+import dataclasses
+
 from jaxdistill.networks.mlp import MLPDenoiser
 from jaxdistill.networks.songunet import SongUNet
 from jaxdistill.networks.dhariwal import DhariwalUNet
@@ -19,6 +21,26 @@ NETWORKS = {
     "songunet": SongUNet,
     "dhariwal": DhariwalUNet,
 }
+
+
+def check_data_fields(net_cfg, shape: tuple, label_dim: int, field: str) -> None:
+    """Fails naming both fields when a network field the data fixes (each network's
+    `data_fields`: input size or resolution, channels, classes) disagrees with config.model."""
+    if net_cfg.name not in NETWORKS:
+        raise ValueError(f"{field}.name={net_cfg.name!r} is not one of {sorted(NETWORKS)}")
+    cls = NETWORKS[net_cfg.name]
+    source = {"dim": "config.model.shape", "img_resolution": "config.model.shape",
+              "in_channels": "config.model.shape", "out_channels": "config.model.shape",
+              "label_dim": "config.model.label_dim"}
+    for name, wanted in cls.data_fields(tuple(shape), label_dim).items():
+        default = cls.__dataclass_fields__[name].default
+        given = net_cfg.get(name, default)
+        if given != wanted:
+            shown = "unset" if given is dataclasses.MISSING else (
+                f"{given!r}" + ("" if name in net_cfg else " (default)"))
+            raise ValueError(f"{field}.{name}={shown} disagrees with {source[name]}="
+                             f"{tuple(shape) if 'shape' in source[name] else label_dim} (the "
+                             f"data): set {field}.{name}={wanted}")
 
 
 def create(name: str, **kwargs):

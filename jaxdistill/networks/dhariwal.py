@@ -31,7 +31,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdistill.networks.layers import (
-    Conv2d, GroupNorm, Init, Linear, PositionalEmbedding, block_class, check_vectors, per_sample,
+    Conv2d, GroupNorm, Init, Linear, PositionalEmbedding, block_class, check_vectors,
+    image_data_fields, per_sample,
     positional_embedding, prepare_labels, unet_inputs)
 
 # EDM's ADM init recipes: kaiming_uniform * sqrt(1/3) for weights and biases (= torch's default
@@ -50,6 +51,9 @@ class DhariwalUNet(nn.Module):
     As in EDM, class_labels are ignored when label_dim=0, and augment_labels=None means no
     augmentation (what sampling uses).
     """
+    # The fields the data fixes (checked by networks.check_data_fields).
+    data_fields = staticmethod(image_data_fields)
+
     img_resolution: int
     in_channels: int
     out_channels: int

@@ -475,3 +475,12 @@ def block_class(remat: bool):
     """
     return nn.remat(UNetBlock, static_argnums=(4,)) if remat else UNetBlock
 
+
+
+def image_data_fields(shape: tuple, label_dim: int) -> dict:
+    """The U-Nets' constructor fields that the data fixes: (R, R, C) images and their classes."""
+    if len(shape) != 3 or shape[0] != shape[1]:
+        raise ValueError(f"config.model.shape={tuple(shape)}: a U-Net needs square (R, R, C) "
+                         "images; use the mlp network for vector data")
+    return {"img_resolution": shape[0], "in_channels": shape[2], "out_channels": shape[2],
+            "label_dim": label_dim}

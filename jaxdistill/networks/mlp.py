@@ -10,6 +10,8 @@ weight, an extra condition vector, and returned features for discriminator heads
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -19,6 +21,12 @@ from jaxdistill.networks.layers import (PositionalEmbedding, check_extensions, c
 
 class MLPDenoiser(nn.Module):
     """F(x, c_noise) for x of shape (N, dim) or (N, ...) with dim elements per example."""
+
+    @staticmethod
+    def data_fields(shape: tuple, label_dim: int) -> dict:
+        """The constructor fields the data fixes (networks.check_data_fields)."""
+        return {"dim": math.prod(shape), "label_dim": label_dim}
+
     dim: int = 2
     hidden: int = 128
     depth: int = 3

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxdistill.networks.layers import (
     Conv2d, FourierEmbedding, GroupNorm, Init, Linear, PositionalEmbedding, block_class,
-    check_vectors, per_sample, positional_embedding, prepare_labels, unet_inputs)
+    check_vectors, image_data_fields, per_sample, positional_embedding, prepare_labels, unet_inputs)
 
 
 # EDM's SongUNet init recipes: xavier everywhere; "zero" layers get a 1e-5 multiplier (not exactly
@@ -50,6 +50,9 @@ class SongUNet(nn.Module):
     As in EDM, class_labels are ignored when label_dim=0, and augment_labels=None means no
     augmentation (what sampling uses).
     """
+    # The fields the data fixes (checked by networks.check_data_fields).
+    data_fields = staticmethod(image_data_fields)
+
     img_resolution: int
     in_channels: int
     out_channels: int
