@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from jaxdistill import checkpoint, data, eval as evaluation, lock, methods, networks, parallel
 from jaxdistill import teacher as teacher_lib, visualize
 from jaxdistill.errors import NonFiniteStateError
+from jaxdistill.eval import compare
 
 
 class NonFiniteLossError(NonFiniteStateError):
@@ -56,7 +57,7 @@ def _validate_numbers(config) -> None:
     _require(ec.num_samples > 0, "eval.num_samples", ec.num_samples, "must be positive")
     _require(ec.batch_size > 0, "eval.batch_size", ec.batch_size, "must be positive")
     sampler = config.sample.sampler
-    known = list(methods.get(config.method.name).SAMPLERS)
+    known = list(methods.get(config.method.name).samplers)
     _require(sampler in known, "sample.sampler", sampler, f"must be one of {known}")
     _require(config.sample.num_steps > 0, "sample.num_steps", config.sample.num_steps,
              "must be positive")
@@ -64,8 +65,9 @@ def _validate_numbers(config) -> None:
 
 def validate(config) -> None:
     """Checks every field's range and the fields that must agree; each error names the field."""
-    methods.get(config.method.name)
+    method = methods.get(config.method.name)
     _validate_numbers(config)
+    method.validate(config)
     spec = data.spec(config.data)
     if tuple(config.model.shape) != tuple(spec.shape):
         raise ValueError(f"config.model.shape={tuple(config.model.shape)} does not match the "
@@ -149,13 +151,13 @@ def load_state(config, workdir: str, mesh: Mesh | None = None):
 
 
 def generate(config, state, key: jax.Array, n: int, batch_size: int | None = None):
-    """n samples (and labels) from a state, in jitted batches; every process gets all of them."""
-    method = methods.get(config.method.name)
+    """n samples (and labels) from a state, in jitted batches; every process gets all of them.
+
+    The jitted sampler is compiled once per (config content, batch size, mesh) and reused by every
+    later call, periodic evaluations and sample grids included (compare.student_sampler)."""
     batch_size = batch_size or min(n, config.eval.batch_size)
-    mesh = jax.tree.leaves(state)[0].sharding.mesh
     # Replicated outputs are readable on every host of a multi-host run.
-    fn = jax.jit(lambda s, k: method.sample(config, s, k, batch_size),
-                 out_shardings=parallel.replicated(mesh))
+    fn = compare.student_sampler(config, batch_size, compare.replicated_like(state))
     xs, labels = [], []
     t0, num_batches = time.time(), -(-n // batch_size)
     for b, i in enumerate(range(0, n, batch_size)):
@@ -299,7 +301,7 @@ def _train(config, workdir: str):
                   start_step=start, process_index=jax.process_index(),
                   process_count=jax.process_count())
     batches = data.batches(config.data, **stream)
-    if hasattr(program.method, "extra_batches"):
+    if program.method.extra_batches is not None:
         # A method's own data stream (e.g. DMD's regression pairs), merged into every batch.
         extra = program.method.extra_batches(config, teacher, workdir, **stream)
         if extra is not None:
@@ -377,8 +379,6 @@ def _train(config, workdir: str):
         final = dict(final, step=step)
         if teacher is not None:
             # Distillation: the student beside its teacher's own samplers at equal step counts.
-            from jaxdistill.eval import compare
-
             rows = compare.comparison_table(config, state, teacher, k_sample,
                                             config.eval.num_samples)
             final["comparison"] = rows

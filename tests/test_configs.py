@@ -74,3 +74,19 @@ def test_a_missing_class_field_is_named_with_its_default():
     del cfg.network["label_dim"]
     with pytest.raises(ValueError, match=r"config.network.label_dim=0 \(default\) disagrees"):
         train.validate(cfg)
+
+
+@pytest.mark.parametrize("name,field,value,message", [
+    ("dmd2_mixture2d", "dfake_gen_update_ratio", 0, r"config.method.dfake_gen_update_ratio=0"),
+    ("dmd2_mixture2d", "max_step_percent", 1.5, r"config.method.min_step_percent=.*max_step"),
+    ("msd_mixture2d", "num_students", 3, r"config.method.num_students=3 must divide"),
+    ("ctm_mixture2d", "gan_backbones", ("bogus",), r"config.method.gan_backbones=\('bogus',\)"),
+    ("ctm_mixture2d", "d_optimizer", "sgd", r"config.method.d_optimizer='sgd'"),
+])
+def test_method_fields_are_checked_at_start(name, field, value, message):
+    """Each method's own validate() runs in train.validate, before anything is built."""
+    cfg = load_config(name)
+    cfg.method[field] = value
+    with pytest.raises(ValueError, match=message):
+        train.validate(cfg)
+

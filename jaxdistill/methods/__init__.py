@@ -1,22 +1,20 @@
-"""Method objects: one module per objective, each owning its state, losses and sampler.
+"""Objectives: one module per method, each owning its state, losses and sampler.
 
-Protocol (DESIGN.md): `init(config, rng, teacher) -> state`,
-`train_step(config) -> step(state, teacher, batch, rng) -> (state, metrics)`,
-`sample(config, state, rng, n, labels=None) -> (x, labels)`, `SAMPLERS` (the values of
-`config.sample.sampler` its `sample` accepts, checked at start); optionally
-`extra_batches(config, teacher, workdir, *, batch_size, seed, start_step, process_index,
-process_count) -> iterator of dicts | None`, fields merged into every batch (same leading size).
+Each module ends with `METHOD = Method(...)` (jaxdistill.methods.protocol): init, train_step,
+sample, the samplers it accepts, a check of its own config fields and an optional data stream of
+its own. `get(config.method.name)` is the only place a method is chosen by name; adding a method
+is its module, one line in METHODS, its configs and its tests.
 """
 from __future__ import annotations
 
-import types
-
 from jaxdistill.methods import ctm, dmd2, edm, msd
+from jaxdistill.methods.protocol import Method
 
-METHODS: dict[str, types.ModuleType] = {"edm": edm, "ctm": ctm, "dmd2": dmd2, "msd": msd}
+METHODS: dict[str, Method] = {m.name: m for m in (edm.METHOD, ctm.METHOD, dmd2.METHOD,
+                                                  msd.METHOD)}
 
 
-def get(name: str) -> types.ModuleType:
+def get(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"config.method.name={name!r} is not one of {sorted(METHODS)}")
     return METHODS[name]

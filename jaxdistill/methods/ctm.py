@@ -50,15 +50,13 @@ import optax
 
 from jaxdistill import augment, diffusion, samplers
 from jaxdistill.methods import common
+from jaxdistill.methods.protocol import Method
 from jaxdistill.networks import backbones
 from jaxdistill.networks.denoiser import EDMDenoiser
 from jaxdistill.networks.discriminator import (ProjectedDiscriminator, adaptive_weight,
                                                hinge_d_loss, hinge_g_loss)
 
 
-# The values of config.sample.sampler this method's `sample` accepts: the student's own denoiser
-# under every generic sampler, or gamma-sampling.
-SAMPLERS = (*sorted(samplers.SAMPLERS), "gamma")
 
 
 @flax.struct.dataclass
@@ -415,3 +413,14 @@ def sample(config, state: CTMState, rng: jax.Array, n: int, labels=None):
                      num_steps=sc.num_steps, gamma=sc.gamma, key=k_gamma,
                      sigma_min=sc.sigma_min, sigma_max=sc.sigma_max, rho=sc.rho)
     return x, labels
+
+
+def validate(config) -> None:
+    """CTM's own fields: GAN backbones and discriminator optimizer names."""
+    gan_backbone_names(config)
+    make_disc_optimizer(config)
+
+
+# Samplers: the student's own denoiser under every generic sampler, or gamma-sampling.
+METHOD = Method(name="ctm", init=init, train_step=train_step, sample=sample,
+                samplers=(*sorted(samplers.SAMPLERS), "gamma"), validate=validate)

@@ -42,12 +42,11 @@ import optax
 
 from jaxdistill import diffusion, samplers
 from jaxdistill.methods import common
+from jaxdistill.methods.protocol import Method
 from jaxdistill.networks import bottleneck_head
 from jaxdistill.networks.bottleneck_head import BottleneckClassifier
 
 
-# config.sample.sampler: the (K-step) generator is the only sampler of a DMD2 student.
-SAMPLERS = ("generator",)
 
 @flax.struct.dataclass
 class DMD2State:
@@ -410,3 +409,21 @@ def extra_batches(config, teacher, workdir: str, *, batch_size: int, seed: int, 
                 write=process_index == 0)
     return pairs.batches(directory, batch_size=batch_size, seed=seed, start_step=start_step,
                          process_index=process_index, process_count=process_count)
+
+
+def validate(config) -> None:
+    """DMD2's own fields that would otherwise fail inside the compiled step."""
+    mc = config.method
+    for name in ("gen_steps", "dfake_gen_update_ratio", "num_train_timesteps"):
+        if mc[name] < 1:
+            raise ValueError(f"config.method.{name}={mc[name]!r}: must be a positive integer")
+    if not 0 <= mc.min_step_percent < mc.max_step_percent <= 1:
+        raise ValueError(f"config.method.min_step_percent={mc.min_step_percent!r} and "
+                         f"max_step_percent={mc.max_step_percent!r}: need 0 <= min < max <= 1")
+    if mc.guidance_lr <= 0:
+        raise ValueError(f"config.method.guidance_lr={mc.guidance_lr!r}: must be positive")
+
+
+# The (K-step) generator is the only sampler of a DMD2 student.
+METHOD = Method(name="dmd2", init=init, train_step=train_step, sample=sample,
+                samplers=("generator",), validate=validate, extra_batches=extra_batches)

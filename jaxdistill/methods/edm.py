@@ -17,10 +17,8 @@ import optax
 
 from jaxdistill import diffusion, samplers
 from jaxdistill.methods import common
+from jaxdistill.methods.protocol import Method
 
-
-# The values of config.sample.sampler this method's `sample` accepts.
-SAMPLERS = tuple(sorted(samplers.SAMPLERS))
 
 @flax.struct.dataclass
 class EDMState:
@@ -89,3 +87,7 @@ def sample(config, state: EDMState, rng: jax.Array, n: int, labels=None):
     denoiser = common.build_denoiser(config)
     return common.sample_with(config, denoiser, {"params": state.ema_params, **state.consts},
                               rng, n, labels)
+
+
+METHOD = Method(name="edm", init=init, train_step=train_step, sample=sample,
+                samplers=tuple(sorted(samplers.SAMPLERS)))

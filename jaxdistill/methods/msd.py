@@ -25,9 +25,8 @@ import numpy as np
 
 from jaxdistill.methods import common, dmd2
 from jaxdistill.methods.dmd2 import DMD2State
+from jaxdistill.methods.protocol import Method
 
-
-SAMPLERS = dmd2.SAMPLERS  # each student samples with its generator
 
 def partition(config) -> list[list[int]]:
     """The classes of each student: `method.partition` (a list of class lists) or K consecutive
@@ -127,3 +126,13 @@ def sample(config, state: DMD2State, rng: jax.Array, n: int, labels=None):
 def extra_batches(config, teacher, workdir, **kwargs):
     """DMD's regression pairs (shared by all students, unfiltered), as for DMD2."""
     return dmd2.extra_batches(config, teacher, workdir, **kwargs)
+
+
+def validate(config) -> None:
+    """DMD2's fields, and a partition of the classes among the students."""
+    dmd2.validate(config)
+    partition(config)
+
+
+METHOD = Method(name="msd", init=init, train_step=train_step, sample=sample,
+                samplers=dmd2.METHOD.samplers, validate=validate, extra_batches=extra_batches)
