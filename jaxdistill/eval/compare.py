@@ -3,38 +3,128 @@
 For a distillation config with a teacher, samples the teacher's own Euler / Heun samplers at the
 student's step counts and at 35 NFE (EDM's 18-step Heun), and the student at each step count, and
 scores all of them with the same metrics (exact ones for analytic mixtures).
+
+Samplers are compiled once: `student_sampler` and `teacher_sampler` return jitted functions from
+a small cache keyed by what determines the compiled program, so the trainer's periodic
+evaluations and sample grids (jaxdistill.train.generate), repeated calls from a notebook and every
+row of the table reuse their executables instead of retracing. A config is an `ml_collections`
+ConfigDict: mutable and unhashable, so it is keyed by its content (`config_key`, its sorted JSON),
+never by object identity, and each cached function closes over a private deep copy taken when it
+was built: editing a config after a call gives a different key (a new program), never a stale one.
 """
 from __future__ import annotations
 
+import collections
 import copy
+from typing import Callable
 
 import jax
+import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding
 
-from jaxdistill import diffusion, methods, samplers
+from jaxdistill import diffusion, methods, parallel, samplers
 from jaxdistill.eval import sample_metrics
 from jaxdistill.methods import common
+
+_CACHE_SIZE = 64  # compiled samplers kept; the oldest unused one is dropped beyond that
+_compiled: collections.OrderedDict = collections.OrderedDict()
+
+
+def config_key(config) -> str:
+    """A hashable view of everything in `config` (its JSON with sorted keys)."""
+    return config.to_json_best_effort(sort_keys=True)
+
+
+def _cached(key, make: Callable[[], Callable]) -> Callable:
+    fn = _compiled.get(key)
+    if fn is None:
+        fn = _compiled[key] = make()
+        while len(_compiled) > _CACHE_SIZE:
+            _compiled.popitem(last=False)
+    else:
+        _compiled.move_to_end(key)
+    return fn
+
+
+def clear_cache() -> None:
+    """Drops every cached sampler (and with them their executables)."""
+    _compiled.clear()
+
+
+def replicated_like(tree):
+    """Replicated sharding over the mesh `tree` lives on (None when it is not on a mesh).
+
+    A replicated output is readable on every host of a multi-host run."""
+    leaves = jax.tree.leaves(tree)
+    sharding = getattr(leaves[0], "sharding", None) if leaves else None
+    return parallel.replicated(sharding.mesh) if isinstance(sharding, NamedSharding) else None
+
+
+def student_sampler(config, n: int, out_sharding=None) -> Callable:
+    """`method.sample(config, state, key, n)` jitted as (state, key) -> (x, labels).
+
+    Cached by (config content, n, out_sharding); the method is `config.method.name`, part of the
+    content. jax.jit then compiles it once per state structure / shardings."""
+    def make():
+        cfg = copy.deepcopy(config)  # the program's own snapshot: later edits cannot reach it
+        method = methods.get(cfg.method.name)
+
+        def sample_student(state, key):
+            return method.sample(cfg, state, key, n)
+
+        return jax.jit(sample_student, out_shardings=out_sharding)
+
+    return _cached(("student", config_key(config), n, out_sharding), make)
+
+
+def _teacher_view(config):
+    """The fields the teacher's samplers read (config.teacher, config.model): a teacher sampler is
+    shared by every student config distilled from the same teacher. Reading any other field from
+    it fails loudly (never a stale program); method.name is kept for teacher_denoiser's error
+    message only."""
+    return ml_collections.ConfigDict({"teacher": copy.deepcopy(config.teacher),
+                                      "model": copy.deepcopy(config.model),
+                                      "method": {"name": config.method.name}})
+
+
+def teacher_sampler(config, n: int, sampler: str, num_steps: int, out_sharding=None) -> Callable:
+    """The frozen teacher's `sampler` on EDM's Karras grid of `num_steps` steps, jitted as
+    (teacher, key) -> n samples; cached by (config.teacher and config.model content, n, sampler,
+    num_steps, out_sharding)."""
+    view = _teacher_view(config)
+
+    def make():
+        denoise_fn = common.teacher_denoiser(view)
+        label_dim, shape = view.model.label_dim, tuple(view.model.shape)
+        sigmas = diffusion.karras_sigmas(num_steps)
+
+        def sample_teacher(tch, key):
+            k_labels, k_noise, k_sampler = jax.random.split(key, 3)
+            labels = common.one_hot(common.random_labels(k_labels, n, label_dim), label_dim)
+            noise = jax.random.normal(k_noise, (n,) + shape)
+            return samplers.sample(sampler, lambda x, s: denoise_fn(tch, x, s, labels), noise,
+                                   sigmas, k_sampler)
+
+        return jax.jit(sample_teacher, out_shardings=out_sharding)
+
+    key = ("teacher", config_key(ml_collections.ConfigDict({"teacher": view.teacher,
+                                                           "model": view.model})),
+           n, sampler, num_steps, out_sharding)
+    return _cached(key, make)
 
 
 def teacher_samples(config, teacher, key: jax.Array, n: int, sampler: str, num_steps: int):
     """n samples of the frozen teacher with EDM's Karras grid of `num_steps` steps."""
-    denoise_fn = common.teacher_denoiser(config)
-    k_labels, k_noise, k_sampler = jax.random.split(key, 3)
-    labels = common.one_hot(common.random_labels(k_labels, n, config.model.label_dim),
-                            config.model.label_dim)
-    noise = jax.random.normal(k_noise, (n,) + tuple(config.model.shape))
-    sigmas = diffusion.karras_sigmas(num_steps)
-    run = jax.jit(lambda tch, z: samplers.sample(
-        sampler, lambda x, s: denoise_fn(tch, x, s, labels), z, sigmas, k_sampler))
-    return np.asarray(run(teacher, noise))
+    run = teacher_sampler(config, n, sampler, num_steps, replicated_like(teacher))
+    return np.asarray(run(teacher, key))
 
 
 def student_samples(config, state, key: jax.Array, n: int, num_steps: int, **sample_overrides):
     cfg = copy.deepcopy(config)
     cfg.sample.num_steps = num_steps
     cfg.sample.update(sample_overrides)
-    method = methods.get(cfg.method.name)
-    x, _ = jax.jit(lambda s, k: method.sample(cfg, s, k, n))(state, key)
+    x, _ = student_sampler(cfg, n, replicated_like(state))(state, key)
     return np.asarray(x)
 
 
