@@ -60,6 +60,8 @@ def _write_samples(config, workdir: str, n: int, path: str) -> None:
     if mix is not None:
         out.update(means=np.asarray(mix.means), stds=np.asarray(mix.stds),
                    weights=np.asarray(mix.weights))
+        if mix.classes is not None:
+            out["classes"] = np.asarray(mix.classes, np.int32)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.savez(path, **out)
     logging.info("wrote %d samples from step %d to %s", n, meta["step"], path)

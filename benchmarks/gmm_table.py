@@ -12,12 +12,20 @@ the class accuracy (share of samples that land in their label's mode).
 Writes <out>/gmm_table.json, <out>/gmm_table.md and <out>/gmm_table.png:
 
   python benchmarks/gmm_table.py --out=benchmarks/results --workdir=/tmp/gmm_table
+
+`--mixture_file=F.npz|F.json` scores the same rows on a user's mixture instead (config.data.name=
+'mixture', see jaxdistill.data.mixtures.load_file): each method's shipped config for the ring (2-D
+/ vector means) or the image mixture (image-shaped means), unconditional, with the network's
+input size and model.shape taken from the file; written to <out>/gmm_table_<file stem>.*:
+
+  python benchmarks/gmm_table.py --mixture_file=my_mixture.json --out=/tmp/my_table
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import time
@@ -37,6 +45,9 @@ _METHODS = flags.DEFINE_list("methods", list(METHOD_CONFIGS), "Methods to run.")
 _SECTIONS = flags.DEFINE_list("sections", ["methods", "msd"], "methods: the per-data-set tables; "
                               "msd: MSD vs one student. Sections not run are kept from an existing "
                               "<out>/gmm_table.json.")
+_MIXTURE_FILE = flags.DEFINE_string(
+    "mixture_file", "", "A user's mixture (.npz / .json with means, stds, weights, optional "
+    "classes): run the methods section on it alone, into <out>/gmm_table_<stem>.*")
 
 
 def load_config(name: str):
@@ -46,44 +57,75 @@ def load_config(name: str):
     return module.get_config()
 
 
-def train_config(cfg, workdir: str):
+def file_config(method: str, mixture_file: str):
+    """The shipped config of `method` for the ring (vector means) or the image mixture (image
+    means), on the mixture in `mixture_file`, unconditional."""
+    from jaxdistill import data
+
+    probe = load_config(METHOD_CONFIGS[method].format(data="mixture2d"))
+    probe.data.update(name="mixture", mixture_file=mixture_file)
+    shape = data.spec(probe.data).shape  # fails naming the field for a bad file
+    cfg = load_config(METHOD_CONFIGS[method].format(
+        data="mixture2d" if len(shape) == 1 else "image_mixture"))
+    cfg.data.update(name="mixture", mixture_file=mixture_file)
+    cfg.model.update(shape=shape, label_dim=0)
+    cfg.network.dim = math.prod(shape)
+    return cfg
+
+
+def train_config(cfg, workdir: str, budget: float = 1.0):
     from jaxdistill import train
 
     cfg = copy.deepcopy(cfg)
-    cfg.train.num_steps = max(1, int(cfg.train.num_steps * _BUDGET.value))
+    cfg.train.num_steps = max(1, int(cfg.train.num_steps * budget))
     start = time.time()
     state = train.train(cfg, workdir)
     return cfg, state, time.time() - start
 
 
-def teacher_rows(cfg, key):
+def teacher_rows(cfg, key, num_samples: int, step_counts=STEPS):
     from jaxdistill import teacher as teacher_lib
     from jaxdistill.eval import compare, sample_metrics
 
     teacher = teacher_lib.load(cfg)
     rows = []
-    for sampler, steps in [(s, n) for n in STEPS for s in ("euler", "heun")] + [("heun", 18)]:
-        x = compare.teacher_samples(cfg, teacher, key, _SAMPLES.value, sampler, steps)
+    for sampler, steps in ([(s, n) for n in step_counts for s in ("euler", "heun")]
+                           + [("heun", 18)]):
+        x = compare.teacher_samples(cfg, teacher, key, num_samples, sampler, steps)
         nfe = steps if sampler == "euler" else 2 * steps - 1
         rows.append({"model": f"teacher {sampler}", "steps": steps, "nfe": nfe,
                      **sample_metrics(cfg, x, key)})
     return rows
 
 
-def student_rows(name, cfg, state, key, seconds):
+def student_rows(name, cfg, state, key, seconds, num_samples: int, step_counts=STEPS):
     from jaxdistill.eval import compare, sample_metrics
 
     rows = []
-    for steps in STEPS:
-        x = compare.student_samples(cfg, state, key, _SAMPLES.value, steps)
+    for steps in step_counts:
+        x = compare.student_samples(cfg, state, key, num_samples, steps)
         rows.append({"model": name, "steps": steps, "nfe": steps, "train_steps":
                      cfg.train.num_steps, "train_seconds": round(seconds, 1),
                      **sample_metrics(cfg, x, key)})
     return rows
 
 
+def dataset_rows(configs: dict, key, workdir: str, num_samples: int, budget: float = 1.0,
+                 step_counts=STEPS):
+    """(rows, {method: (config, state)}): the teacher's rows, then each method's student (trained
+    in workdir/<method>) at each step count; `configs` maps a method name to its config (the
+    first one's teacher gives the teacher rows)."""
+    rows = teacher_rows(next(iter(configs.values())), key, num_samples, step_counts)
+    trained = {}
+    for method, cfg in configs.items():
+        cfg, state, seconds = train_config(cfg, os.path.join(workdir, method), budget)
+        rows += student_rows(method.upper(), cfg, state, key, seconds, num_samples, step_counts)
+        trained[method] = (cfg, state)
+    return rows, trained
+
+
 def class_accuracy(cfg, state, key, n):
-    """Share of samples that land in the mode of their conditioning label (one class per mode)."""
+    """Share of samples that land in a component of their conditioning label's class."""
     import jax
     import numpy as np
 
@@ -95,10 +137,10 @@ def class_accuracy(cfg, state, key, n):
         state, key)
     mix = data.spec(cfg.data).mixture
     assign = np.argmax(np.asarray(mixtures.component_log_probs(mix, x)), axis=1)
-    return float(np.mean(assign == np.asarray(labels))), x
+    return float(np.mean(np.asarray(mixtures.class_of(mix, assign)) == np.asarray(labels))), x
 
 
-def msd_rows(key):
+def msd_rows(key, budget: float, num_samples: int, workdir: str):
     """MSD (4 students) vs one DMD2 student of the same network at the same total steps, and MSD
     with 4 students of half the width (TSM first), on the class-conditional ring and image
     mixture (one class per mode)."""
@@ -116,9 +158,9 @@ def msd_rows(key):
         runs = [("MSD, 4 students", base), ("DMD2, 1 student (same network)", single),
                 (f"MSD, 4 students of width {small.network.hidden}", small)]
         for i, (name, cfg) in enumerate(runs):
-            cfg, state, seconds = train_config(cfg, os.path.join(_WORKDIR.value,
-                                                                 f"msd_{data_name}_{i}"))
-            acc, x = class_accuracy(cfg, state, key, _SAMPLES.value)
+            cfg, state, seconds = train_config(cfg, os.path.join(workdir, f"msd_{data_name}_{i}"),
+                                               budget)
+            acc, x = class_accuracy(cfg, state, key, num_samples)
             params = sum(int(a.size) for a in jax.tree.leaves(state.params))
             rows.append({"data": data_name, "model": name, "steps": 1, "nfe": 1,
                          "train_steps": cfg.train.num_steps, "train_seconds": round(seconds, 1),
@@ -131,7 +173,7 @@ def markdown(results) -> str:
     cols = ("log_likelihood", "sliced_wasserstein", "mode_tv", "modes_covered")
     out = []
     for data_name, rows in results["datasets"].items():
-        out += [f"### {DATASETS[data_name]}", "",
+        out += [f"### {DATASETS.get(data_name, data_name)}", "",
                 "| model | steps | NFE | log-likelihood | sliced W | mode TV | modes |",
                 "|---|---|---|---|---|---|---|"]
         for r in rows:
@@ -171,7 +213,7 @@ def plot(results, path: str) -> None:
             style = "--" if model.startswith("teacher") else "-"
             ax.plot(*zip(*pts), style, marker="o", label=model)
         ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="sliced Wasserstein (lower is better)",
-               title=DATASETS[data_name])
+               title=DATASETS.get(data_name, data_name))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -183,6 +225,16 @@ def main(argv):
     import jax
 
     key = jax.random.key(0)
+    if _MIXTURE_FILE.value:  # a user's mixture: its own files, the shipped results untouched
+        stem = pathlib.Path(_MIXTURE_FILE.value).stem
+        configs = {m: file_config(m, _MIXTURE_FILE.value) for m in _METHODS.value}
+        rows, _ = dataset_rows(configs, key, os.path.join(_WORKDIR.value, stem), _SAMPLES.value,
+                            _BUDGET.value)
+        results = {"budget": _BUDGET.value, "num_samples": _SAMPLES.value,
+                   "mixture_file": os.path.abspath(_MIXTURE_FILE.value),
+                   "datasets": {f"{stem} ({_MIXTURE_FILE.value})": rows}}
+        write(results, _OUT.value, f"gmm_table_{stem}")
+        return
     path = os.path.join(_OUT.value, "gmm_table.json")
     results = {"datasets": {}}
     if os.path.exists(path):
@@ -192,22 +244,28 @@ def main(argv):
     if "methods" in _SECTIONS.value:
         results["datasets"] = {}
         for data_name in DATASETS:
-            rows = teacher_rows(load_config(METHOD_CONFIGS["ctm"].format(data=data_name)), key)
+            teacher_cfg = load_config(METHOD_CONFIGS["ctm"].format(data=data_name))
+            rows = teacher_rows(teacher_cfg, key, _SAMPLES.value)
             for method in _METHODS.value:
-                cfg = load_config(METHOD_CONFIGS[method].format(data=data_name))
-                cfg, state, seconds = train_config(cfg, os.path.join(_WORKDIR.value,
-                                                                     f"{method}_{data_name}"))
-                rows += student_rows(method.upper(), cfg, state, key, seconds)
+                cfg, state, seconds = train_config(
+                    load_config(METHOD_CONFIGS[method].format(data=data_name)),
+                    os.path.join(_WORKDIR.value, f"{method}_{data_name}"), _BUDGET.value)
+                rows += student_rows(method.upper(), cfg, state, key, seconds, _SAMPLES.value)
             results["datasets"][data_name] = rows
     if "msd" in _SECTIONS.value:
-        results["msd"] = msd_rows(key)
-    os.makedirs(_OUT.value, exist_ok=True)
-    with open(path, "w") as f:
+        results["msd"] = msd_rows(key, _BUDGET.value, _SAMPLES.value, _WORKDIR.value)
+    write(results, _OUT.value, "gmm_table")
+
+
+def write(results, out: str, name: str) -> None:
+    """<out>/<name>.json, .md and .png; prints the Markdown table."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(results, f, indent=2)
     table = markdown(results)
-    with open(os.path.join(_OUT.value, "gmm_table.md"), "w") as f:
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(table)
-    plot(results, os.path.join(_OUT.value, "gmm_table.png"))
+    plot(results, os.path.join(out, f"{name}.png"))
     print(table)
 
 

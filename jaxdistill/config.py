@@ -25,9 +25,11 @@ def base_config() -> mlc.ConfigDict:
     # is a run directory, `network` the teacher's network fields (the student's are in c.network).
     c.teacher = mlc.ConfigDict({"kind": "none", "checkpoint": "",
                                 "network": mlc.ConfigDict({"name": "mlp"})})
-    # name: mixture2d / image_mixture / digits / cifar10 / imagenet64
+    # name: mixture2d / image_mixture / mixture / digits / cifar10 / imagenet64. mixture_file: for
+    # name 'mixture', an .npz or .json file with means (K, D) or (K, H, W, C), stds (K,), weights
+    # (K,) and optionally classes (K,) (data.mixtures.load_file); "" for every other name.
     c.data = mlc.ConfigDict({"name": "mixture2d", "resolution": 8, "std": 0.08, "num_modes": 8,
-                             "radius": 1.0, "data_dir": "", "split": "train",
+                             "radius": 1.0, "mixture_file": "", "data_dir": "", "split": "train",
                              "random_flip": False})
     c.optim = mlc.ConfigDict({"lr": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
                               "lr_rampup_images": 10_000_000, "grad_clip": 0.0})

@@ -36,7 +36,7 @@ def load(config):
         mix = data.mixture_of(config.data)
         if mix is None:
             raise ValueError("config.teacher.kind='analytic' needs a Gaussian-mixture data set "
-                             f"(mixture2d or image_mixture), not {config.data.name!r}")
+                             f"(mixture2d, image_mixture or mixture), not {config.data.name!r}")
         return mix
     return _load_checkpoint(config)
 

@@ -21,7 +21,12 @@ def image_grid(x: np.ndarray, columns: int | None = None) -> np.ndarray:
 
 
 def point_density(x: np.ndarray, size: int = 128, extent: float = 1.6) -> np.ndarray:
-    """(N, 2) points -> uint8 (size, size, 1) log-density picture over [-extent, extent]^2."""
+    """(N, 2) points -> uint8 (size, size, 1) log-density picture over [-extent, extent]^2.
+
+    (N, 1) points are drawn on the horizontal axis; (N, D > 2) by their first two coordinates.
+    """
+    if x.shape[1] == 1:
+        x = np.concatenate([x, np.zeros_like(x)], axis=1)
     hist, _, _ = np.histogram2d(x[:, 1], x[:, 0], bins=size, range=[[-extent, extent]] * 2)
     img = np.log1p(hist[::-1])
     img = img / max(img.max(), 1e-8)

@@ -3,6 +3,8 @@
 `config.data.name` is one of
   - 'mixture2d'      2-D ring of Gaussians (exact teacher, exact metrics);
   - 'image_mixture'  one Gaussian per digit class in image space (exact teacher, exact metrics);
+  - 'mixture'        a user's Gaussian mixture read from `config.data.mixture_file` (.npz / .json
+                     with means, stds, weights, optional classes; mixtures.load_file);
   - 'digits'         scikit-learn's embedded 8x8 digits (no download);
   - 'cifar10', 'imagenet64'   TFDS pipelines (data prepared with `tfds build`).
 
@@ -13,6 +15,8 @@ own slice of the global batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from typing import Iterator
 
 import jax
@@ -20,7 +24,7 @@ import numpy as np
 
 from jaxdistill.data import digits, mixtures
 
-NAMES = ("mixture2d", "image_mixture", "digits", "cifar10", "imagenet64")
+NAMES = ("mixture2d", "image_mixture", "mixture", "digits", "cifar10", "imagenet64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +36,13 @@ class DataSpec:
 
 
 def mixture_of(cfg) -> mixtures.GaussianMixture | None:
+    """The Gaussian mixture of `config.data` (None for data sets without an exact density)."""
+    if cfg.name == "mixture":
+        path = cfg.get("mixture_file", "")
+        if path and os.path.isfile(path):  # read once per file version, not at every call
+            st = os.stat(path)
+            return _mixture_file(os.path.abspath(path), path, st.st_mtime_ns, st.st_size)
+        return mixtures.load_file(path)  # raises, naming the field and the file
     if cfg.name == "mixture2d":
         return mixtures.ring2d(cfg.get("num_modes", 8), cfg.get("radius", 1.0), cfg.get("std", 0.08))
     if cfg.name == "image_mixture":
@@ -39,13 +50,23 @@ def mixture_of(cfg) -> mixtures.GaussianMixture | None:
     return None
 
 
+@functools.lru_cache(maxsize=8)
+def _mixture_file(abspath: str, path: str, mtime_ns: int, size: int):
+    del abspath, mtime_ns, size  # the cache key: a changed file is read again
+    return mixtures.load_file(path)
+
+
 def spec(cfg) -> DataSpec:
     """The DataSpec of `config.data`; fails naming the field when the name is unknown."""
     if cfg.name not in NAMES:
         raise ValueError(f"config.data.name={cfg.name!r} is not one of {NAMES}")
+    if cfg.get("mixture_file", "") and cfg.name != "mixture":
+        raise ValueError(f"config.data.mixture_file={cfg.mixture_file} is set but "
+                         f"config.data.name={cfg.name!r}: set config.data.name='mixture' to use "
+                         "the file (or clear mixture_file)")
     mix = mixture_of(cfg)
     if mix is not None:
-        return DataSpec(mix.shape, mix.num_components, mix)
+        return DataSpec(mix.shape, mix.num_classes, mix)
     if cfg.name == "digits":
         res = cfg.get("resolution", 8)
         return DataSpec((res, res, 1), 10)
@@ -63,7 +84,8 @@ def _mixture_batches(mix, *, batch_size, seed, start_step, process_index, proces
     step = start_step
     while True:
         x, comp = sampler(jax.random.fold_in(jax.random.key(seed), step))
-        yield {"x": np.asarray(x)[rows], "label": np.asarray(comp, np.int32)[rows]}
+        label = mixtures.class_of(mix, np.asarray(comp, np.int32))
+        yield {"x": np.asarray(x)[rows], "label": np.asarray(label, np.int32)[rows]}
         step += 1
 
 
