@@ -37,17 +37,21 @@ DATASETS = {"mixture2d": "2-D ring (8 modes)", "image_mixture": "image mixture 8
 METHOD_CONFIGS = {"ctm": "ctm_{data}", "dmd2": "dmd2_{data}"}
 STEPS = (1, 2, 4)
 
-_OUT = flags.DEFINE_string("out", "benchmarks/results", "Folder for the JSON, Markdown and PNG.")
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/gmm_table", "Folder for the training runs.")
-_BUDGET = flags.DEFINE_float("budget", 1.0, "Multiplies every config's train.num_steps.")
-_SAMPLES = flags.DEFINE_integer("num_samples", 4000, "Samples per row.")
-_METHODS = flags.DEFINE_list("methods", list(METHOD_CONFIGS), "Methods to run.")
-_SECTIONS = flags.DEFINE_list("sections", ["methods", "msd"], "methods: the per-data-set tables; "
-                              "msd: MSD vs one student. Sections not run are kept from an existing "
-                              "<out>/gmm_table.json.")
-_MIXTURE_FILE = flags.DEFINE_string(
-    "mixture_file", "", "A user's mixture (.npz / .json with means, stds, weights, optional "
-    "classes): run the methods section on it alone, into <out>/gmm_table_<stem>.*")
+def define_flags() -> None:
+    """The command line's flags, defined only when run as a script: importing this module (tests
+    call its functions) must not clash with other modules' flags of the same names (run.py's
+    --workdir, --num_samples)."""
+    flags.DEFINE_string("out", "benchmarks/results", "Folder for the JSON, Markdown and PNG.")
+    flags.DEFINE_string("workdir", "/tmp/gmm_table", "Folder for the training runs.")
+    flags.DEFINE_float("budget", 1.0, "Multiplies every config's train.num_steps.")
+    flags.DEFINE_integer("num_samples", 4000, "Samples per row.")
+    flags.DEFINE_list("methods", list(METHOD_CONFIGS), "Methods to run.")
+    flags.DEFINE_list("sections", ["methods", "msd"], "methods: the per-data-set tables; "
+                      "msd: MSD vs one student. Sections not run are kept from an existing "
+                      "<out>/gmm_table.json.")
+    flags.DEFINE_string(
+        "mixture_file", "", "A user's mixture (.npz / .json with means, stds, weights, optional "
+        "classes): run the methods section on it alone, into <out>/gmm_table_<stem>.*")
 
 
 def load_config(name: str):
@@ -222,39 +226,40 @@ def plot(results, path: str) -> None:
 
 def main(argv):
     del argv
+    F = flags.FLAGS  # noqa: N806 (define_flags)
     import jax
 
     key = jax.random.key(0)
-    if _MIXTURE_FILE.value:  # a user's mixture: its own files, the shipped results untouched
-        stem = pathlib.Path(_MIXTURE_FILE.value).stem
-        configs = {m: file_config(m, _MIXTURE_FILE.value) for m in _METHODS.value}
-        rows, _ = dataset_rows(configs, key, os.path.join(_WORKDIR.value, stem), _SAMPLES.value,
-                            _BUDGET.value)
-        results = {"budget": _BUDGET.value, "num_samples": _SAMPLES.value,
-                   "mixture_file": os.path.abspath(_MIXTURE_FILE.value),
-                   "datasets": {f"{stem} ({_MIXTURE_FILE.value})": rows}}
-        write(results, _OUT.value, f"gmm_table_{stem}")
+    if F.mixture_file:  # a user's mixture: its own files, the shipped results untouched
+        stem = pathlib.Path(F.mixture_file).stem
+        configs = {m: file_config(m, F.mixture_file) for m in F.methods}
+        rows, _ = dataset_rows(configs, key, os.path.join(F.workdir, stem), F.num_samples,
+                               F.budget)
+        results = {"budget": F.budget, "num_samples": F.num_samples,
+                   "mixture_file": os.path.abspath(F.mixture_file),
+                   "datasets": {f"{stem} ({F.mixture_file})": rows}}
+        write(results, F.out, f"gmm_table_{stem}")
         return
-    path = os.path.join(_OUT.value, "gmm_table.json")
+    path = os.path.join(F.out, "gmm_table.json")
     results = {"datasets": {}}
     if os.path.exists(path):
         with open(path) as f:
             results = json.load(f)
-    results.update(budget=_BUDGET.value, num_samples=_SAMPLES.value)
-    if "methods" in _SECTIONS.value:
+    results.update(budget=F.budget, num_samples=F.num_samples)
+    if "methods" in F.sections:
         results["datasets"] = {}
         for data_name in DATASETS:
             teacher_cfg = load_config(METHOD_CONFIGS["ctm"].format(data=data_name))
-            rows = teacher_rows(teacher_cfg, key, _SAMPLES.value)
-            for method in _METHODS.value:
+            rows = teacher_rows(teacher_cfg, key, F.num_samples)
+            for method in F.methods:
                 cfg, state, seconds = train_config(
                     load_config(METHOD_CONFIGS[method].format(data=data_name)),
-                    os.path.join(_WORKDIR.value, f"{method}_{data_name}"), _BUDGET.value)
-                rows += student_rows(method.upper(), cfg, state, key, seconds, _SAMPLES.value)
+                    os.path.join(F.workdir, f"{method}_{data_name}"), F.budget)
+                rows += student_rows(method.upper(), cfg, state, key, seconds, F.num_samples)
             results["datasets"][data_name] = rows
-    if "msd" in _SECTIONS.value:
-        results["msd"] = msd_rows(key, _BUDGET.value, _SAMPLES.value, _WORKDIR.value)
-    write(results, _OUT.value, "gmm_table")
+    if "msd" in F.sections:
+        results["msd"] = msd_rows(key, F.budget, F.num_samples, F.workdir)
+    write(results, F.out, "gmm_table")
 
 
 def write(results, out: str, name: str) -> None:
@@ -270,4 +275,5 @@ def write(results, out: str, name: str) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
