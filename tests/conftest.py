@@ -11,3 +11,11 @@ jax.config.update("jax_threefry_partitionable", True)
 if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+# Shared helpers tests import (`from conftest import ROOT, load_config`): the repository root and
+# the shipped configs by name (jaxdistill.configs.get(name, arg=None, tiny=False)).
+import pathlib  # noqa: E402
+
+from jaxdistill.configs import get as load_config  # noqa: E402,F401
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
