@@ -137,8 +137,8 @@ def class_accuracy(cfg, state, key, n):
     from jaxdistill.data import mixtures
 
     labels = jax.numpy.arange(n) % cfg.model.label_dim
-    x, _ = jax.jit(lambda s, k: methods.get(cfg.method.name).sample(cfg, s, k, n, labels))(
-        state, key)
+    sample = methods.get(cfg.method.name).sample
+    x, _ = jax.jit(lambda s, k: sample(cfg, s, k, n, labels=labels))(state, key)
     mix = data.spec(cfg.data).mixture
     assign = np.argmax(np.asarray(mixtures.component_log_probs(mix, x)), axis=1)
     return float(np.mean(np.asarray(mixtures.class_of(mix, assign)) == np.asarray(labels))), x
@@ -165,7 +165,7 @@ def msd_rows(key, budget: float, num_samples: int, workdir: str):
             cfg, state, seconds = train_config(cfg, os.path.join(workdir, f"msd_{data_name}_{i}"),
                                                budget)
             acc, x = class_accuracy(cfg, state, key, num_samples)
-            params = sum(int(a.size) for a in jax.tree.leaves(state.params))
+            params = sum(int(a.size) for a in jax.tree.leaves(state.generator.params))
             rows.append({"data": data_name, "model": name, "steps": 1, "nfe": 1,
                          "train_steps": cfg.train.num_steps, "train_seconds": round(seconds, 1),
                          "generator_params": params, "class_accuracy": acc,

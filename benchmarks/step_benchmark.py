@@ -64,27 +64,40 @@ def synthetic_batch(config, seed: int) -> dict:
 def param_count(state) -> int:
     import jax
 
-    return sum(int(p.size) for p in jax.tree.leaves(state.params))
+    # Every Trainable's params (EDM's net, CTM's student + discriminator, DMD2's generator +
+    # fake score / head): the trained parameters of the step.
+    from jaxdistill.methods.trainable import Trainable
+
+    trainables = [v for v in vars(state).values() if isinstance(v, Trainable)]
+    return sum(int(p.size) for t in trainables for p in jax.tree.leaves(t.params))
 
 
-def compile_step(program, state, teacher, batch, key):
+def compile_step(program, state, teacher, batch, key, frozen):
     """(compiled step, lower s, compile s); the compiled step runs exactly what training runs."""
     t0 = time.perf_counter()
-    lowered = program.step.lower(state, teacher, batch, key)
+    lowered = program.step.lower(state, teacher, batch, key, frozen)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     return compiled, t1 - t0, time.perf_counter() - t1
 
 
-def time_steps(compiled, state, teacher, batch, key, steps: int):
+def executable_size(compiled) -> int:
+    """Bytes of the serialized executable: constants baked into the program (e.g. weights closed
+    over by the step) count here; arguments do not."""
+    from jax.experimental import serialize_executable
+
+    return len(serialize_executable.serialize(compiled)[0])
+
+
+def time_steps(compiled, state, teacher, batch, key, frozen, steps: int):
     """Runs one warm-up and `steps` timed steps; (seconds per step, final state, last metrics)."""
     import jax
 
-    state, metrics = jax.block_until_ready(compiled(state, teacher, batch, key))
+    state, metrics = jax.block_until_ready(compiled(state, teacher, batch, key, frozen))
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        state, metrics = jax.block_until_ready(compiled(state, teacher, batch, key))
+        state, metrics = jax.block_until_ready(compiled(state, teacher, batch, key, frozen))
         times.append(time.perf_counter() - t0)
     return times, state, jax.device_get(metrics)
 
@@ -128,7 +141,7 @@ def peak_matmul_flops(n: int, repeats: int) -> float:
 
 
 def load_teacher(config):
-    """(teacher params, description). A checkpoint teacher without a path gets random weights of
+    """(Teacher, description). A checkpoint teacher without a path gets random weights of
     `config.teacher.network`: step time does not depend on the teacher's weight values."""
     import jax
 
@@ -142,8 +155,33 @@ def load_teacher(config):
         denoiser = common.build_denoiser(cfg)
         params, consts = jax.jit(lambda k: common.init_variables(cfg, denoiser, k))(
             jax.random.key(config.seed))
-        return {"params": params, **consts}, "random weights of config.teacher.network"
+        return (teacher_lib.Teacher(params={"params": params, **consts}, denoise=denoiser),
+                "random weights of config.teacher.network")
     return teacher_lib.load(config), config.teacher.kind
+
+
+def load_frozen(config):
+    """(the method's frozen weights, description). CTM's pretrained GAN backbones without a
+    weight file get random weights of their architecture (timing does not depend on the values)."""
+    import jax
+
+    from jaxdistill import train
+    from jaxdistill.networks import backbones
+
+    mc = config.method
+    names = [n for n in mc.get("gan_backbones", ()) if n in backbones.PRETRAINED
+             and mc.gan_weight > 0 and not mc[n].weights]
+    if not names:
+        return train.frozen_weights(config), "files"
+    frozen = {"backbones": {}}
+    for name in names:
+        backbone = backbones.build(name, mc)
+        x = backbones.prepare_images(jax.numpy.zeros((1,) + tuple(config.model.shape)),
+                                     *backbone.norm, backbone.image_size)
+        variables = jax.jit(backbone.module.init)(jax.random.key(0), x)
+        frozen["backbones"][name] = {c: variables[c] for c in backbones.PRETRAINED_COLLECTIONS
+                                     if c in variables}
+    return frozen, f"random weights of {names}"
 
 
 def benchmark(config, config_path: str, steps: int, matmul_size: int = 2048,
@@ -156,8 +194,10 @@ def benchmark(config, config_path: str, steps: int, matmul_size: int = 2048,
     load_start = os.getloadavg()[0]
     train.validate(config)
     teacher, teacher_source = load_teacher(config)  # None for teacher training (EDM)
-    program = train.build(config, teacher=teacher)
+    frozen, frozen_source = load_frozen(config)
+    program = train.build(config, teacher=teacher, frozen=frozen)
     teacher = train.place_teacher(program, teacher)
+    frozen = train.place_frozen(program, frozen)
     parallel.check_batch_size(config.train.batch_size, program.mesh)
     n_dev = program.mesh.size
     key = jax.random.key(config.seed)
@@ -166,10 +206,11 @@ def benchmark(config, config_path: str, steps: int, matmul_size: int = 2048,
     init_s = time.perf_counter() - t0
     n_params = param_count(state)
     batch = parallel.shard_batch(synthetic_batch(config, config.seed), program.mesh)
-    compiled, lower_s, compile_only_s = compile_step(program, state, teacher, batch, key)
+    compiled, lower_s, compile_only_s = compile_step(program, state, teacher, batch, key, frozen)
+    executable_bytes = executable_size(compiled)
     flops = float(compiled.cost_analysis()["flops"])
     if steps > 0:
-        times, state, metrics = time_steps(compiled, state, teacher, batch, key, steps)
+        times, state, metrics = time_steps(compiled, state, teacher, batch, key, frozen, steps)
         step_s = statistics.median(times)
     else:  # --steps=0: compile time, memory and FLOPs of a step too slow to run on this host
         times, metrics, step_s = [], None, None
@@ -180,6 +221,8 @@ def benchmark(config, config_path: str, steps: int, matmul_size: int = 2048,
         "config": config_path,
         "method": config.method.name,
         "teacher": teacher_source,
+        "frozen_weights": frozen_source,
+        "serialized_executable_bytes": executable_bytes,
         "network": config.network.name,
         "data": "synthetic",
         "batch_size": batch_size,

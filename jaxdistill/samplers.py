@@ -120,6 +120,23 @@ def ddim(denoise: Denoise, x: jax.Array, sigmas: jax.Array, key: jax.Array | Non
     return x
 
 
+def denoise_renoise(predict: Callable, x: jax.Array, key: jax.Array, num_steps,
+                    noise_std: Callable) -> jax.Array:
+    """x <- predict(i, x) + noise_std(i) n_i for i = 0 .. num_steps - 1, n_i ~ N(0, I) drawn from
+    fold_in(key, i); `num_steps` may be traced (DMD2's backward simulation runs a random number).
+
+    The one "denoise, then re-noise" chain: consistency / multistep sampling
+    (`stochastic_multistep`), DMD2's backward simulation and K-step generator, and CTM's
+    gamma-sampling (whose `predict` is a jump to s <= the next sigma) all run it.
+    """
+
+    def body(i, x):
+        x = predict(i, x)
+        return x + noise_std(i) * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+
+    return jax.lax.fori_loop(0, num_steps, body, x)
+
+
 def stochastic_multistep(denoise: Denoise, x: jax.Array, sigmas: jax.Array, key: jax.Array, *,
                          sigma_floor: float = 0.0) -> jax.Array:
     """Denoise to x0 at each sigma, then re-noise to the next: x <- x0 + sqrt(s^2 - floor^2) z.
@@ -127,17 +144,10 @@ def stochastic_multistep(denoise: Denoise, x: jax.Array, sigmas: jax.Array, key:
     `sigmas` lists the noise levels at which the model is evaluated (no trailing 0); the output is
     the last x0. `sigma_floor` = sigma_min reproduces consistency models' sqrt(t^2 - eps^2).
     """
-    x0 = denoise(x, _sigma_vec(sigmas[0], x))
-    keys = jax.random.split(key, max(sigmas.shape[0] - 1, 1))
-
-    def step(x0, inputs):
-        s, k = inputs
-        std = jnp.sqrt(jnp.clip(s**2 - sigma_floor**2, 0.0))
-        x = x0 + std * jax.random.normal(k, x0.shape, x0.dtype)
-        return denoise(x, _sigma_vec(s, x)), None
-
-    x0, _ = jax.lax.scan(step, x0, (sigmas[1:], keys[: sigmas.shape[0] - 1]))
-    return x0
+    last = sigmas.shape[0] - 1
+    x = denoise_renoise(lambda i, x: denoise(x, _sigma_vec(sigmas[i], x)), x, key, last,
+                        lambda i: jnp.sqrt(jnp.clip(sigmas[i + 1] ** 2 - sigma_floor**2, 0.0)))
+    return denoise(x, _sigma_vec(sigmas[last], x))
 
 
 def classifier_free_guidance(denoise_cond: Callable, scale: float) -> Callable:

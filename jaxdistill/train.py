@@ -28,6 +28,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from jaxdistill import checkpoint, data, eval as evaluation, lock, methods, networks, parallel
+from jaxdistill.data import chunk_store
 from jaxdistill import teacher as teacher_lib, visualize
 from jaxdistill.errors import NonFiniteStateError
 from jaxdistill.eval import compare
@@ -95,16 +96,20 @@ class Program:
     mesh: Mesh
     abstract_state: Any          # ShapeDtypeStructs carrying the state's shardings
     init: Callable               # (key, teacher) -> state, created already sharded
-    step: Callable               # (state, teacher, batch, key) -> (state, metrics); donates state
+    # (state, teacher, batch, key, frozen) -> (state, metrics); donates state. `frozen`: the
+    # method's pretrained frozen weights (`place_frozen`) or None.
+    step: Callable
     teacher_shardings: Any       # shardings of the frozen teacher's params (None: no teacher)
+    frozen_shardings: Any        # shardings of the frozen feature networks (None: none)
 
     @property
     def state_shardings(self):
         return jax.tree.map(lambda s: s.sharding, self.abstract_state)
 
 
-def build(config, mesh: Mesh | None = None, teacher=None) -> Program:
-    """Shardings of the method's state (and teacher) by the FSDP rule; jitted init / step."""
+def build(config, mesh: Mesh | None = None, teacher=None, frozen=None) -> Program:
+    """Shardings of the method's state, teacher and frozen weights (`frozen_weights(config)`,
+    None when the method has none) by the FSDP rule; jitted init / step."""
     method = methods.get(config.method.name)
     mesh = mesh or parallel.make_mesh(config.mesh)
     init = lambda k, tch: method.init(config, k, tch)  # noqa: E731
@@ -112,15 +117,19 @@ def build(config, mesh: Mesh | None = None, teacher=None) -> Program:
     shardings = parallel.tree_shardings(abstract, mesh, config.mesh.min_shard_size)
     teacher_shardings = (None if teacher is None else
                          parallel.tree_shardings(teacher, mesh, config.mesh.min_shard_size))
+    frozen_shardings = (None if frozen is None else
+                        parallel.tree_shardings(frozen, mesh, config.mesh.min_shard_size))
     rep = parallel.replicated(mesh)
     step = jax.jit(method.train_step(config),
-                   in_shardings=(shardings, teacher_shardings, parallel.batch_sharding(mesh), rep),
+                   in_shardings=(shardings, teacher_shardings, parallel.batch_sharding(mesh), rep,
+                                 frozen_shardings),
                    out_shardings=(shardings, rep), donate_argnums=0)
     return Program(method=method, mesh=mesh,
                    abstract_state=parallel.with_shardings(abstract, shardings),
                    init=jax.jit(init, in_shardings=(rep, teacher_shardings),
                                 out_shardings=shardings),
-                   step=step, teacher_shardings=teacher_shardings)
+                   step=step, teacher_shardings=teacher_shardings,
+                   frozen_shardings=frozen_shardings)
 
 
 def place_teacher(program: Program, teacher):
@@ -128,12 +137,48 @@ def place_teacher(program: Program, teacher):
     return None if teacher is None else jax.device_put(teacher, program.teacher_shardings)
 
 
-def load_state(config, workdir: str, mesh: Mesh | None = None):
+def place_frozen(program: Program, frozen):
+    """The frozen feature networks' weights on the mesh (None stays None)."""
+    return None if frozen is None else jax.device_put(frozen, program.frozen_shardings)
+
+
+def frozen_weights(config):
+    """The method's pretrained frozen weights for `config` (read from the user's files), or None."""
+    method = methods.get(config.method.name)
+    return method.frozen_weights(config) if method.frozen_weights else None
+
+
+def extra_batches(config, teacher, workdir: str, **stream):
+    """The method's own data stream (DMD's regression pairs) as batches, or None: the store is
+    built once (resuming an interrupted build) in the stream's directory, by default
+    <workdir>/<stream name>; all processes compute its chunks, process 0 writes them."""
+    decl = methods.get(config.method.name).extra_data
+    decl = decl(config) if decl else None
+    if decl is None:
+        return None
+    directory = decl.directory or os.path.join(workdir, decl.name)
+    make = jax.jit(decl.make_chunk)
+    seed_key = jax.random.key(config.seed)
+    chunk_store.build(directory, dict(decl.spec, seed=config.seed), num_items=decl.num_items,
+                      chunk_size=decl.chunk_size,
+                      make_chunk=lambda i: make(teacher, jax.random.fold_in(seed_key, i)),
+                      write=jax.process_index() == 0)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"{decl.name} built")
+    # A stream of its own, independent of the training data's order (seed + 1).
+    return chunk_store.batches(directory, **dict(stream, seed=stream["seed"] + 1),
+                               rename=decl.batch_keys)
+
+
+def load_state(config, workdir: str, mesh: Mesh | None = None, teacher=None):
     """(state, meta) of the newest readable checkpoint in workdir/checkpoints; clear error if none.
 
     The state is placed on `mesh` by the current config's rule, whatever mesh it was saved from.
+    `teacher`: the run's Teacher when it was not described by config.teacher.
     """
-    program = build(config, mesh, teacher_lib.load(config))
+    program = build(config, mesh, teacher if teacher is not None else teacher_lib.load(config))
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoint found in {ckpt_dir}: train first with "
@@ -257,11 +302,13 @@ def _set_aside_run(workdir: str) -> None:
     logging.warning("restart: moved the previous run's %s to %s", ", ".join(names), aside)
 
 
-def train(config, workdir: str, *, restart: bool = False):
+def train(config, workdir: str, *, restart: bool = False, teacher=None):
     """Trains `config` in `workdir`, resuming from its newest good checkpoint. Returns the state.
 
-    `restart=True` starts over, moving an earlier run's checkpoints aside (never deleting them).
-    Raises WorkdirLockedError while another run uses `workdir`.
+    `teacher`: a jaxdistill.teacher.Teacher (e.g. a notebook's own denoiser callable) instead of
+    the one `config.teacher` describes. `restart=True` starts over, moving an earlier run's
+    checkpoints aside (never deleting them). Raises WorkdirLockedError while another run uses
+    `workdir`.
     """
     validate(config)
     with lock.held(workdir):
@@ -271,15 +318,21 @@ def train(config, workdir: str, *, restart: bool = False):
                 from jax.experimental import multihost_utils
 
                 multihost_utils.sync_global_devices("restart")
-        return _train(config, workdir)
+        return _train(config, workdir, teacher)
 
 
-def _train(config, workdir: str):
+def _train(config, workdir: str, teacher=None):
     from clu import metric_writers  # imports TensorFlow: keep it out of the functional API
 
-    teacher = teacher_lib.load(config)
-    program = build(config, teacher=teacher)
-    teacher = place_teacher(program, teacher)
+    if teacher is None:
+        teacher = teacher_lib.load(config)
+    if teacher is None and methods.get(config.method.name).needs_teacher:
+        raise ValueError(f"config.method.name={config.method.name!r} distils a teacher: set "
+                         "config.teacher.kind to 'analytic' or 'checkpoint' (or pass teacher= "
+                         "to jaxdistill.train.train)")
+    frozen = frozen_weights(config)
+    program = build(config, teacher=teacher, frozen=frozen)
+    teacher, frozen = place_teacher(program, teacher), place_frozen(program, frozen)
     parallel.check_batch_size(config.train.batch_size, program.mesh)
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
@@ -301,11 +354,9 @@ def _train(config, workdir: str):
                   start_step=start, process_index=jax.process_index(),
                   process_count=jax.process_count())
     batches = data.batches(config.data, **stream)
-    if program.method.extra_batches is not None:
-        # A method's own data stream (e.g. DMD's regression pairs), merged into every batch.
-        extra = program.method.extra_batches(config, teacher, workdir, **stream)
-        if extra is not None:
-            batches = ({**b, **e} for b, e in zip(batches, extra))
+    extra = extra_batches(config, teacher, workdir, **stream)
+    if extra is not None:  # a method's own data stream, merged into every batch
+        batches = ({**b, **e} for b, e in zip(batches, extra))
     if state is None:
         state = program.init(k_init, teacher)
         logging.info("initialised %s from scratch", config.method.name)
@@ -331,7 +382,7 @@ def _train(config, workdir: str):
         try:
             for step in range(start + 1, tc.num_steps + 1):
                 batch = parallel.shard_batch(next(batches), program.mesh)
-                state, metrics = program.step(state, teacher, batch, k_train)
+                state, metrics = program.step(state, teacher, batch, k_train, frozen)
                 last = step == tc.num_steps
                 if unconfirmed is not None or step % tc.log_every == 0 or last:
                     metrics = jax.device_get(metrics)

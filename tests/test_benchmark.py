@@ -73,7 +73,7 @@ def test_step_benchmark_writes_consistent_json(tmp_path):
 
     cfg = load_config("edm_mixture2d")
     cfg.train.batch_size = 64
-    params = train.build(cfg).abstract_state.params  # EDM: no teacher
+    params = train.build(cfg).abstract_state.net.params  # EDM: no teacher
     assert rec["param_count"] == sum(p.size for p in jax.tree.leaves(params))
     # the 3-layer MLP's weights and biases alone are far more than a few parameters
     assert rec["param_count"] > 3 * 128 * 128

@@ -6,6 +6,8 @@ import jax
 import pytest
 
 from jaxdistill import methods, teacher, train
+from jaxdistill.methods import common
+from jaxdistill.methods.trainable import Trainable
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from test_edm import ROOT, load_config  # noqa: E402
@@ -25,23 +27,37 @@ def test_config_validates_and_builds(name, arg):
         teacher_cfg = cfg.copy_and_resolve_references()
         teacher_cfg.unlock()
         teacher_cfg.network = teacher_cfg.teacher.network
-        tch = jax.eval_shape(lambda k: {"params": methods.edm.init(teacher_cfg, k).params},
-                             jax.random.key(0))
+        tch = teacher.Teacher(
+            params=jax.eval_shape(lambda k: {"params": methods.edm.init(teacher_cfg, k).net.params},
+                                  jax.random.key(0)),
+            denoise=common.build_denoiser(teacher_cfg))
     else:
         tch = teacher.load(cfg)
     state = jax.eval_shape(lambda k, t: methods.get(cfg.method.name).init(cfg, k, t),
                            jax.random.key(0), tch)
-    count = sum(x.size for x in jax.tree.leaves(state.params))
+    # The first network of a state is the one sampled (student / generator / teacher trained).
+    trainables = [v for v in vars(state).values() if isinstance(v, Trainable)]
+    count = sum(x.size for x in jax.tree.leaves(trainables[0].params))
     if (name, arg) in OFFICIAL_PARAMS:
         assert count == OFFICIAL_PARAMS[(name, arg)]
-    # Every EMA mirrors the params (CTM keeps one per evaluation rate).
-    if cfg.method.name in ("dmd2", "msd"):  # no EMA; the fake score mirrors the generator
-        emas = (state.guide_params["fake"],)
-    else:
-        emas = state.ema_params if isinstance(state.ema_params, tuple) else (state.ema_params,)
-    assert all(sum(x.size for x in jax.tree.leaves(e)) == count for e in emas)
-    if cfg.method.name == "ctm":  # the student is the teacher's network plus the s-branch
-        assert any(k.endswith("_s") for k in state.params)
+    for t in trainables:  # every EMA mirrors its network's params
+        size = sum(x.size for x in jax.tree.leaves(t.params))
+        assert all(sum(x.size for x in jax.tree.leaves(e)) == size for e in t.emas.values())
+    if cfg.network.get("s_embedding"):  # CTM: the teacher's network plus the s-branch
+        assert any(k.endswith("_s") for k in trainables[0].params)
+
+
+@pytest.mark.parametrize("name", [p.stem for p in sorted((ROOT / "configs").glob("*mixture2d.py"))])
+def test_step_reports_the_declared_metrics(name):
+    """Method.metrics(config) names exactly the metrics a step returns (traced, not compiled)."""
+    cfg = load_config(name)
+    method = methods.get(cfg.method.name)
+    tch = teacher.load(cfg)
+    state = jax.eval_shape(lambda k: method.init(cfg, k, tch), jax.random.key(0))
+    batch = {"x": jax.ShapeDtypeStruct((8,) + tuple(cfg.model.shape), jax.numpy.float32),
+             "label": jax.ShapeDtypeStruct((8,), jax.numpy.int32)}
+    _, metrics = jax.eval_shape(method.train_step(cfg), state, tch, batch, jax.random.key(0))
+    assert sorted(metrics) == sorted(method.metrics(cfg))
 
 
 def test_config_arg_is_checked():
@@ -90,3 +106,10 @@ def test_method_fields_are_checked_at_start(name, field, value, message):
     with pytest.raises(ValueError, match=message):
         train.validate(cfg)
 
+
+
+def test_a_distillation_without_teacher_names_the_field(tmp_path):
+    cfg = load_config("ctm_mixture2d")
+    cfg.teacher.kind = "none"
+    with pytest.raises(ValueError, match=r"config.teacher.kind to 'analytic' or 'checkpoint'"):
+        train.train(cfg, str(tmp_path))

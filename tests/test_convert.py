@@ -57,7 +57,8 @@ def teacher_from(run_dir, network):
     cfg.teacher.network = network
     res, channels = network["img_resolution"], network["in_channels"]
     cfg.model.update(shape=(res, res, channels), label_dim=network["label_dim"])
-    return common.teacher_denoiser(cfg), teacher.load(cfg)
+    tch = teacher.load(cfg)
+    return tch.denoise, tch.params
 
 
 def max_abs_error(net, run_dir, network):
@@ -450,12 +451,13 @@ def test_converted_teacher_serves_the_ctm_config(tiny_ctm_setup):
     import jax
 
     cfg, net = tiny_ctm_setup
-    variables = teacher.load(cfg)
+    tch = teacher.load(cfg)
+    variables = tch.params
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     sigma = np.array([0.3, 5.0], np.float32)
     with torch.no_grad():
         want = net(torch.from_numpy(x), torch.from_numpy(sigma)).numpy()
-    got = common.teacher_denoiser(cfg)(variables, jnp.asarray(x.transpose(0, 2, 3, 1)), sigma)
+    got = tch(jnp.asarray(x.transpose(0, 2, 3, 1)), sigma)
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, atol=2e-5)
 
     student = jax.eval_shape(lambda k: common.init_variables(
@@ -485,8 +487,8 @@ def test_converted_teacher_serves_the_dmd2_config(tiny_ctm_setup):
     with torch.no_grad():
         want = net(torch.from_numpy(80 * z.transpose(0, 3, 1, 2)),
                    torch.full((2,), 80.0)).numpy().transpose(0, 2, 3, 1)
-    for params in (state.params, state.guide_params["fake"]):
-        got = common.build_denoiser(cfg)({"params": params, **state.consts}, 80 * jnp.asarray(z),
+    for params in (state.generator.params, state.guide.params["fake"]):
+        got = common.build_denoiser(cfg)(state.generator.variables(params), 80 * jnp.asarray(z),
                                          jnp.full((2,), 80.0))
         np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
 

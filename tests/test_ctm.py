@@ -24,7 +24,7 @@ def student():
     cfg.network.hidden = 32
     state = ctm.init(cfg, jax.random.key(0), teacher_lib.load(cfg))
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape),
-                          state.params)
+                          state.student.params)
     return cfg, common.build_denoiser(cfg), {"params": params}
 
 
@@ -98,7 +98,7 @@ def test_gamma_sampling_reduces_to_the_expected_updates(student):
         ctm.gamma_sample(den, v, z, None, num_steps=4, gamma=0.0, key=jax.random.key(8)),
         ctm.gamma_sample(den, v, z, None, num_steps=4, gamma=0.0, key=jax.random.key(9)))
     # gamma = 1: consistency multistep: jump to sigma_min, re-noise to sigma_1, jump again.
-    k1, _ = jax.random.split(key)
+    k1 = jax.random.fold_in(key, 0)  # samplers.denoise_renoise: step i's noise is fold_in(key, i)
     x = ctm.jump(den, v, 80 * z, vec(80.0), vec(0.002))
     x = x + jnp.sqrt(sig[1] ** 2 - 0.002**2) * jax.random.normal(k1, x.shape)
     expected = ctm.jump(den, v, x, vec(sig[1]), vec(0.002))
@@ -116,9 +116,11 @@ def test_student_initialised_from_teacher_by_name():
     teacher_params = jax.eval_shape(lambda k: common.init_variables(
         teacher_cfg, common.build_denoiser(teacher_cfg), k)[0], jax.random.key(0))
     teacher_params = jax.tree.map(lambda s: jnp.full(s.shape, 7.0), teacher_params)
-    state = ctm.init(cfg, jax.random.key(1), {"params": teacher_params})
-    assert float(state.params["block0_dense"]["kernel"][0, 0]) == 7.0  # copied
-    assert float(jnp.max(jnp.abs(state.params["map_noise_s"]["kernel"] - 7.0))) > 0  # fresh
+    tch = teacher_lib.Teacher(params={"params": teacher_params},
+                              denoise=common.build_denoiser(teacher_cfg))
+    params = ctm.init(cfg, jax.random.key(1), tch).student.params
+    assert float(params["block0_dense"]["kernel"][0, 0]) == 7.0  # copied
+    assert float(jnp.max(jnp.abs(params["map_noise_s"]["kernel"] - 7.0))) > 0  # fresh
 
 
 def test_sharded_ctm_step_equals_single_device():
@@ -136,7 +138,7 @@ def test_sharded_ctm_step_equals_single_device():
         batches = data.batches(cfg.data, batch_size=64, seed=0)
         for _ in range(3):
             state, metrics = program.step(state, t, parallel.shard_batch(next(batches), mesh),
-                                          jax.random.key(1))
+                                          jax.random.key(1), None)
         results.append((state, float(metrics["loss"])))
     (a, la), (b, lb) = results
     np.testing.assert_allclose(la, lb, rtol=1e-5)

@@ -37,16 +37,16 @@ def gan_config(teacher, gan_start_step=0):
 
 
 def run(cfg, num_steps, batch_size=64):
-    tch = teacher_lib.load(cfg)
-    program = train.build(cfg, teacher=tch)
-    tch = train.place_teacher(program, tch)
+    tch, frozen = teacher_lib.load(cfg), train.frozen_weights(cfg)
+    program = train.build(cfg, teacher=tch, frozen=frozen)
+    tch, frozen = train.place_teacher(program, tch), train.place_frozen(program, frozen)
     state = program.init(jax.random.key(0), tch)
     batches = data.batches(cfg.data, batch_size=batch_size, seed=0)
     history = [(jax.device_get(state), None)]
     for _ in range(num_steps):
         state, metrics = program.step(state, tch, parallel.shard_batch(next(batches),
                                                                        program.mesh),
-                                      jax.random.key(1))
+                                      jax.random.key(1), frozen)
         history.append((jax.device_get(state), jax.device_get(metrics)))
     return history
 
@@ -67,16 +67,15 @@ def test_generator_and_discriminator_alternate(alternating):
     for i in range(1, 5):
         (before, _), (after, metrics) = history[i - 1], history[i]
         if (i - 1) % 2 == 0:  # even step: generator
-            assert changed(before.params, after.params)
-            assert not changed(before.disc_params, after.disc_params)
+            assert changed(before.student.params, after.student.params)
+            assert not changed(before.disc.params, after.disc.params)
             assert 0.01 <= metrics["gan_lambda"] <= 10.0 and np.isfinite(metrics["gan_g_loss"])
         else:                 # odd step: discriminator
-            assert changed(before.disc_params, after.disc_params)
-            assert not changed(before.params, after.params)
-            assert not changed(before.target_params, after.target_params)
+            assert changed(before.disc.params, after.disc.params)
+            assert not changed(before.student, after.student)  # params, EMAs, optimizer
             assert np.isfinite(metrics["d_loss"]) and metrics["d_loss"] > 0
         # The frozen random projections never change.
-        assert not changed(before.disc_consts, after.disc_consts)
+        assert not changed(before.disc.consts, after.disc.consts)
 
 
 def test_every_step_reports_both_phases_from_their_last_update(alternating):
@@ -107,8 +106,8 @@ def test_gan_switches_on_at_its_start_step(mlp_teacher):
     metrics = [m for _, m in history[1:]]  # metrics of steps 0..3
     assert metrics[0]["gan_lambda"] == 0 and metrics[1]["gan_lambda"] == 0  # before the start
     assert metrics[2]["gan_lambda"] >= 0.01                                   # step 2: G with GAN
-    assert not changed(history[0][0].disc_params, history[3][0].disc_params)  # steps 0-2: no D
-    assert changed(history[3][0].disc_params, history[4][0].disc_params)      # step 3: D
+    assert not changed(history[0][0].disc.params, history[3][0].disc.params)  # steps 0-2: no D
+    assert changed(history[3][0].disc.params, history[4][0].disc.params)      # step 3: D
 
 
 def test_ctm_dsm_state_has_the_discriminator(mlp_teacher):
@@ -140,30 +139,32 @@ def test_gan_on_pretrained_backbones_trains_heads_only(tmp_path):
     cfg.train.batch_size = 8
     history = run(cfg, 2, batch_size=8)
     (s0, _), (s1, m1), (s2, m2) = history
-    assert set(s0.disc_params) == {"deit", "efficientnet"}
-    assert changed(s0.params, s1.params) and not changed(s0.disc_params, s1.disc_params)
+    assert set(s0.disc.params) == {"deit", "efficientnet"}
+    assert changed(s0.student.params, s1.student.params)
+    assert not changed(s0.disc.params, s1.disc.params)
     assert 0.01 <= m1["gan_lambda"] <= 10.0 and np.isfinite(m1["gan_g_loss"])
-    assert changed(s1.disc_params["deit"], s2.disc_params["deit"])
-    assert changed(s1.disc_params["efficientnet"], s2.disc_params["efficientnet"])
-    assert not changed(s1.params, s2.params) and np.isfinite(m2["d_loss"])
+    assert changed(s1.disc.params["deit"], s2.disc.params["deit"])
+    assert changed(s1.disc.params["efficientnet"], s2.disc.params["efficientnet"])
+    assert not changed(s1.student.params, s2.student.params) and np.isfinite(m2["d_loss"])
     for a, b in ((s0, s1), (s1, s2)):
-        assert not changed(a.disc_consts, b.disc_consts)   # projections + DeiT readout convs
-    assert s0.disc_consts["deit"]["backbone"]["postprocess"]
+        assert not changed(a.disc.consts, b.disc.consts)   # projections + DeiT readout convs
+    assert s0.disc.consts["deit"]["backbone"]["postprocess"]
     pos_embed_shape = (1, (tb.D_SIZE // tb.D_PATCH) ** 2 + 2, tb.D_WIDTH)
     assert all(leaf.shape != pos_embed_shape for leaf in jax.tree.leaves(s0))
 
 
 def test_gan_backbone_config_errors():
-    """Bad backbone settings fail when the step is built, naming the field; no compilation."""
+    """Bad backbone settings fail when the frozen weights are read or the step is built, naming
+    the field; no compilation."""
     from jaxdistill.methods import ctm
 
     cfg = load_config("ctm_image_mixture")
     cfg.method.update(gan_weight=1.0, gan_backbones=("deit", "efficientnet"))
     with pytest.raises(FileNotFoundError, match="config.method.deit.weights"):
-        ctm.train_step(cfg)
+        ctm.frozen_weights(cfg)
     cfg.method.gan_backbones = ("efficientnet",)
     with pytest.raises(FileNotFoundError, match="config.method.efficientnet.weights"):
-        ctm.train_step(cfg)
+        ctm.frozen_weights(cfg)
     for bad in (("vgg",), (), ("deit", "deit")):
         cfg.method.gan_backbones = bad
         with pytest.raises(ValueError, match="config.method.gan_backbones"):

@@ -1,4 +1,5 @@
 """DMD2 / DMD / MSD: the DM gradient, TTUR, backward simulation, pairs, routing, quality, sharding."""
+import functools
 import pathlib
 import sys
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from jaxdistill import data, diffusion, parallel, teacher as teacher_lib, train
-from jaxdistill.data import mixtures, pairs
+from jaxdistill import objectives, samplers
+from jaxdistill.data import chunk_store, mixtures
 from jaxdistill.eval import compare
 from jaxdistill.methods import common, dmd2, msd
 
@@ -103,7 +105,7 @@ def _run(cfg, num_steps, mesh=None, teacher=None):
     for _ in range(num_steps):
         before = jax.device_get(state)
         state, metrics = program.step(state, teacher, parallel.shard_batch(next(batches), mesh),
-                                      jax.random.key(1))
+                                      jax.random.key(1), None)
         history.append((before, jax.device_get(state), jax.device_get(metrics)))
     return state, history
 
@@ -122,11 +124,11 @@ def test_ttur_updates_generator_every_fifth_step_and_guidance_every_step(ttur_hi
     history = ttur_history
     for i, (before, after, metrics) in enumerate(history):
         gen_step = i < 2 or (i - 2) % 5 == 0        # TSM steps update both, then 1 in 5
-        assert _changed(before.params, after.params) == gen_step, i
+        assert _changed(before.generator.params, after.generator.params) == gen_step, i
         assert float(metrics["gen_updated"]) == float(gen_step)
-        assert _changed(before.guide_params["fake"], after.guide_params["fake"]), i
+        assert _changed(before.guide.params["fake"], after.guide.params["fake"]), i
         # The GAN head trains only after TSM.
-        assert _changed(before.guide_params["head"], after.guide_params["head"]) == (i >= 2), i
+        assert _changed(before.guide.params["head"], after.guide.params["head"]) == (i >= 2), i
     assert int(history[-1][1].step) == 14
 
 
@@ -175,31 +177,38 @@ def test_init_copies_the_teacher_network(tmp_path):
     cfg.network = mlc.ConfigDict(dict(teacher_cfg.network))
     teacher = teacher_lib.load(cfg)
     state = dmd2.init(cfg, jax.random.key(0), teacher)
-    for a, b, c in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.guide_params["fake"]),
-                       jax.tree.leaves(teacher["params"])):
+    for a, b, c in zip(jax.tree.leaves(state.generator.params),
+                       jax.tree.leaves(state.guide.params["fake"]),
+                       jax.tree.leaves(teacher.params["params"])):
         np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(b, c)
 
 
 def test_regression_pairs_are_teacher_heun_outputs_and_resume(tmp_path):
-    cfg = _tiny()
-    mix = teacher_lib.load(cfg)
+    """DMD2 declares the pairs (extra_data); the trainer builds them into its chunk store."""
     directory = str(tmp_path / "pairs")
-    pairs.build(cfg, mix, directory, num_pairs=1500, num_steps=12, seed=3)
-    z, y, _ = pairs.load(directory, 1500)
+    cfg = _tiny(regression_weight=1.0, regression_pairs=1500, regression_heun_steps=12,
+                regression_pairs_dir=directory)
+    mix = teacher_lib.load(cfg)
+    stream = dict(batch_size=32, seed=0, start_step=0, process_index=0, process_count=1)
+    it = train.extra_batches(cfg, mix, str(tmp_path), **stream)
+    arrays = chunk_store.load(directory)
+    z, y = arrays["z"], arrays["y"]
     assert z.shape == y.shape == (1500, 2)
-    # y is the teacher's 12-step Heun solution from 80 z; Heun 12 steps is close to the ODE end:
-    # the outputs lie on the ring modes (log-likelihood close to the true samples').
-    assert float(jnp.mean(mixtures.log_prob(mix, y))) > -1.0
+    # y is the teacher's 12-step Heun solution from 80 z (exactly, per example) ...
+    heun = samplers.sample("heun", lambda x, s: mix(x, s), jnp.asarray(z[:8]),
+                           diffusion.karras_sigmas(12), jax.random.key(0))
+    np.testing.assert_allclose(y[:8], heun, rtol=1e-4, atol=1e-5)
+    # ... close to the ODE's end: the outputs lie on the ring modes.
+    assert float(jnp.mean(mixtures.log_prob(mix.params, y))) > -1.0
     # A killed build resumes: a missing chunk is rebuilt identically; others are not touched.
     first = np.load(f"{directory}/chunk_00001.npz")["y"]
     (tmp_path / "pairs" / "chunk_00001.npz").unlink()
-    pairs.build(cfg, mix, directory, num_pairs=1500, num_steps=12, seed=3)
+    train.extra_batches(cfg, mix, str(tmp_path), **stream)
     np.testing.assert_array_equal(np.load(f"{directory}/chunk_00001.npz")["y"], first)
-    with pytest.raises(ValueError, match="regression_pairs_dir"):
-        pairs.build(cfg, mix, directory, num_pairs=1500, num_steps=18, seed=3)
-    it = pairs.batches(directory, batch_size=32, seed=0, start_step=0, process_index=0,
-                       process_count=1)
+    cfg.method.regression_heun_steps = 18
+    with pytest.raises(ValueError, match="holds data made with"):
+        train.extra_batches(cfg, mix, str(tmp_path), **stream)
     b = next(it)
     assert b["pair_noise"].shape == (32, 2) and b["pair_label"].shape == (32,)
 
@@ -214,12 +223,14 @@ def test_dmd_regression_run_trains_towards_the_pairs(tmp_path):
     cfg.optim.lr_rampup_images = 0
     state = train.train(cfg, str(tmp_path))
     assert (tmp_path / "regression_pairs" / "chunk_00000.npz").exists()
-    z, y, labels = pairs.load(str(tmp_path / "regression_pairs"), 1024)
+    arrays = chunk_store.load(str(tmp_path / "regression_pairs"))
+    z, y = arrays["z"], arrays["y"]
+    assert z.shape == (1024, 2)
     k_init = jax.random.split(jax.random.key(cfg.seed), 3)[0]
     initial = dmd2.init(cfg, k_init, teacher_lib.load(cfg))
 
     def reg_loss(s):
-        pred = common.build_denoiser(cfg)({"params": s.params, **s.consts}, z * 80.0,
+        pred = common.build_denoiser(cfg)(s.generator.variables(), z * 80.0,
                                           jnp.full((1024,), 80.0))
         return float(jnp.mean(jnp.sum((pred - y) ** 2, axis=1)))
 
@@ -301,16 +312,17 @@ def test_msd_students_train_on_their_classes_and_route_at_sampling():
     (_, _, m2), (_, _, m3) = history[1], history[2]
     assert float(m3["gen_updated"]) == 0.0 and float(m3["dm_loss"]) == float(m2["dm_loss"]) > 0
     assert float(m3["gen_last_step"]) == 2.0
-    assert state.params["input"]["kernel"].shape[0] == k and state.step.shape == ()
+    assert state.generator.params["input"]["kernel"].shape[0] == k and state.step.shape == ()
     # Each student is its own network: after training their params differ.
-    kern = np.asarray(state.params["output"]["kernel"])
+    kern = np.asarray(state.generator.params["output"]["kernel"])
     assert not np.allclose(kern[0], kern[1])
     labels = jnp.arange(16) % cfg.model.label_dim
-    x, _ = msd.sample(cfg, state, jax.random.key(3), 16, labels)
+    x, _ = msd.sample(cfg, state, jax.random.key(3), 16, labels=labels)
     owner = np.asarray(msd.route(cfg, labels))
     for i in range(16):
         one = jax.tree.map(lambda a: a[owner[i]], state.replace(step=jnp.zeros((k,), jnp.int32)))
-        xi, _ = dmd2.sample(cfg, one, jax.random.split(jax.random.key(3))[1], 16, labels)
+        xi, _ = dmd2.sample(cfg, one, objectives.stream(jax.random.key(3), "students"), 16,
+                            labels=labels)
         np.testing.assert_allclose(x[i], xi[i], rtol=1e-5, atol=1e-6)
 
 
@@ -357,18 +369,24 @@ def test_four_step_generator_trains_with_backward_simulation():
     cfg.sample.num_steps = 4
     x, _ = dmd2.sample(cfg, state, jax.random.key(0), 64)
     assert x.shape == (64, 2) and bool(jnp.all(jnp.isfinite(x)))
-    # The K-step sampler re-noises between steps: different keys give different samples even
-    # from the same noise (a 1-step generator is deterministic in its noise).
-    k_noise = jax.random.split(jax.random.key(0), 3)[1]
-    z = jax.random.normal(k_noise, (64, 2))
-    den = common.build_denoiser(cfg)
-    v = {"params": state.params, **state.consts}
-    a = dmd2.generate_steps(den, v, z, None, dmd2.generator_sigmas(4), jax.random.key(1))
-    b = dmd2.generate_steps(den, v, z, None, dmd2.generator_sigmas(4), jax.random.key(2))
-    assert float(jnp.max(jnp.abs(a - b))) > 0
-    c = dmd2.generate_steps(den, v, z, None, dmd2.generator_sigmas(1), jax.random.key(1))
-    d = dmd2.generate_steps(den, v, z, None, dmd2.generator_sigmas(1), jax.random.key(2))
-    np.testing.assert_array_equal(c, d)
+    # The K-step sampler is the shared multistep chain on the generator's sigmas: G(80 z), then
+    # re-noise to sigma_1 with the chain's step-0 noise, G again, ... (samplers.denoise_renoise).
+    key = jax.random.key(1)
+    x4, _ = dmd2.sample(cfg, state, key, 64)
+    den = functools.partial(common.build_denoiser(cfg), state.generator.variables())
+    sig = dmd2.generator_sigmas(4)
+    x = 80.0 * objectives.draw_noise(objectives.stream(key, "noise"), 64, (2,))
+    sampler_key = objectives.stream(key, "sampler")
+    for i in range(4):
+        x0 = den(x, jnp.full((64,), sig[i]))
+        if i < 3:
+            x = x0 + sig[i + 1] * jax.random.normal(jax.random.fold_in(sampler_key, i), x.shape)
+    np.testing.assert_allclose(x4, x0, rtol=1e-4, atol=1e-5)
+    # One step is G(80 z) whatever the key of the re-noising chain is.
+    cfg.sample.num_steps = 1
+    x1, _ = dmd2.sample(cfg, state, key, 64)
+    z80 = 80.0 * objectives.draw_noise(objectives.stream(key, "noise"), 64, (2,))
+    np.testing.assert_allclose(x1, den(z80, jnp.full((64,), 80.0)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["dhariwal", "songunet"])
@@ -406,8 +424,10 @@ def test_students_copy_the_teachers_fourier_frequencies(method):
     teacher_cfg.network = net
     t_params, t_consts = common.init_variables(
         teacher_cfg, common.build_denoiser(teacher_cfg), jax.random.key(7))
-    teacher = {"params": t_params, **t_consts}
+    teacher = teacher_lib.Teacher(params={"params": t_params, **t_consts},
+                                  denoise=common.build_denoiser(teacher_cfg))
     state = methods.get(method).init(cfg, jax.random.key(0), teacher)
+    student = state.student if method == "ctm" else state.generator
     assert jax.tree.leaves(t_consts), "NCSN++ has buffers"
-    for a, b in zip(jax.tree.leaves(state.consts), jax.tree.leaves(t_consts)):
+    for a, b in zip(jax.tree.leaves(student.consts), jax.tree.leaves(t_consts)):
         np.testing.assert_array_equal(a, b)

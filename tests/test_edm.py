@@ -6,38 +6,32 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import data
+from jaxdistill import data, objectives
 from jaxdistill.data import mixtures
-from jaxdistill.methods import common, edm
+from jaxdistill.methods import common, edm, trainable
 
-import importlib.util
 import pathlib
+
+from jaxdistill.configs import get as load_config  # noqa: F401 (other test files import it here)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
 def test_ema_beta_follows_edm_halflife_rule():
     # step 0: half-life min(H, 0) = 0 -> beta = 0 (EMA = weights). Later: 0.5 ** (B / min(H, r nimg)).
-    assert float(common.ema_beta(jnp.array(0), 64, 1000.0, 0.05)) == 0.0
-    np.testing.assert_allclose(common.ema_beta(jnp.array(100), 64, 1000.0, 0.05),
+    assert float(trainable.ema_beta(jnp.array(0), 64, 1000.0, 0.05)) == 0.0
+    np.testing.assert_allclose(trainable.ema_beta(jnp.array(100), 64, 1000.0, 0.05),
                                0.5 ** (64 / min(1000.0, 0.05 * 6400)), rtol=1e-6)
-    np.testing.assert_allclose(common.ema_beta(jnp.array(10_000), 64, 1000.0, 0.05),
+    np.testing.assert_allclose(trainable.ema_beta(jnp.array(10_000), 64, 1000.0, 0.05),
                                0.5 ** (64 / 1000.0), rtol=1e-6)
-    np.testing.assert_allclose(common.ema_beta(jnp.array(3), 64, 1000.0, None), 0.5 ** 0.064,
+    np.testing.assert_allclose(trainable.ema_beta(jnp.array(3), 64, 1000.0, None), 0.5 ** 0.064,
                                rtol=1e-6)
 
 
 def test_lr_warmup_is_linear_then_constant():
     cfg = load_config("edm_mixture2d")
     cfg.optim.lr_rampup_images = 256 * 10
-    sched = common.lr_schedule(cfg.optim, 256)
+    sched = trainable.lr_schedule(cfg.optim, 256)
     np.testing.assert_allclose([sched(0), sched(5), sched(10), sched(50)],
                                [0.0, cfg.optim.lr / 2, cfg.optim.lr, cfg.optim.lr], rtol=1e-6)
 
@@ -49,7 +43,7 @@ def test_edm_loss_matches_hand_computation():
     key = jax.random.key(1)
     losses, sigma = edm.edm_loss(teacher, mix, x0, None, key, p_mean=-1.2, p_std=1.2,
                                  sigma_data=0.5)
-    k_sigma, k_noise, _ = jax.random.split(key, 3)
+    k_sigma, k_noise = objectives.stream(key, "sigma"), objectives.stream(key, "noise")
     s = jnp.exp(-1.2 + 1.2 * jax.random.normal(k_sigma, (8,)))
     noisy = x0 + s[:, None] * jax.random.normal(k_noise, x0.shape)
     d = mixtures.denoise(mix, noisy, s)
@@ -75,7 +69,7 @@ def test_nan_batch_does_not_poison_weights():
     cfg.train.batch_size = 8
     state, metrics = _train(cfg, 2, iter([good, bad]))
     assert not np.isfinite(float(metrics["loss"]))  # the NaN is reported (the trainer stops on it)
-    assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(state.params))
+    assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(state.net.params))
 
 
 def test_ema_tracks_params_at_start():
@@ -84,7 +78,7 @@ def test_ema_tracks_params_at_start():
     batches = data.batches(cfg.data, batch_size=16, seed=0)
     state, _ = _train(cfg, 1, batches)
     # First step: beta = 0, so the EMA equals the updated weights exactly.
-    for e, p in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params)):
+    for e, p in zip(jax.tree.leaves(state.net.emas["ema"]), jax.tree.leaves(state.net.params)):
         np.testing.assert_array_equal(e, p)
 
 
@@ -112,10 +106,10 @@ def test_trained_loss_approaches_exact_denoiser_loss(trained_mixture_teacher):
     key = jax.random.key(101)
     exact, _ = edm.edm_loss(mixtures.AnalyticTeacher(), mix, x0, None, key, **kwargs)
     denoiser = common.build_denoiser(cfg)
-    trained, _ = edm.edm_loss(denoiser, {"params": state.ema_params, **state.consts}, x0, None,
+    trained, _ = edm.edm_loss(denoiser, state.net.variables(state.net.emas["ema"]), x0, None,
                               key, **kwargs)
     fresh = edm.init(cfg, jax.random.key(1))
-    untrained, _ = edm.edm_loss(denoiser, {"params": fresh.params}, x0, None, key, **kwargs)
+    untrained, _ = edm.edm_loss(denoiser, fresh.net.variables(), x0, None, key, **kwargs)
     exact, trained, untrained = map(lambda v: float(jnp.mean(v)), (exact, trained, untrained))
     print(f"EDM loss: exact denoiser {exact:.4f}, trained {trained:.4f}, untrained {untrained:.4f}"
           f" ({seconds:.0f} s of training)")

@@ -148,8 +148,8 @@ def test_teacher_falls_back_without_touching_the_teacher_directory(trained, tmp_
     cfg = tiny_config(1, "ctm_mixture2d")
     cfg.teacher.update(kind="checkpoint", checkpoint=workdir)
     cfg.teacher.network = tiny_config(1).network
-    params = teacher.load(cfg)
-    assert_trees_equal(params["params"], trained[1].ema_params)  # step 20's EMA
+    params = teacher.load(cfg).params
+    assert_trees_equal(params["params"], trained[1].net.emas["ema"])  # step 20's EMA
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
@@ -208,7 +208,7 @@ def test_a_diverged_state_is_never_kept_as_the_last_checkpoint(tmp_path):
     assert names[0] == "1" and names[1].startswith("2.diverged-") and len(names) == 2
     state, meta = train.load_state(cfg, str(tmp_path))
     assert meta["step"] == 1
-    assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(state.params)) < 100
+    assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(state.net.params)) < 100
 
 
 def test_a_diverged_final_or_preemption_save_is_caught_at_resume(tmp_path):

@@ -145,8 +145,8 @@ def test_two_processes_train_like_one(tmp_path):
     init = jax.device_get(train.build(cfg).init(jax.random.split(jax.random.key(cfg.seed), 3)[0],
                                                 None))
     # (checked: 6 small steps stay near it; another key would put the params O(1) away.)
-    pairs = list(zip(jax.tree.leaves(jax.device_get(single.params)),
-                     jax.tree.leaves(init.params)))
+    pairs = list(zip(jax.tree.leaves(jax.device_get(single.net.params)),
+                     jax.tree.leaves(init.net.params)))
     moved = np.sqrt(sum(np.sum((np.asarray(p, np.float64) - p0) ** 2) for p, p0 in pairs))
     assert moved < 0.5 * np.sqrt(sum(np.sum(np.asarray(p0, np.float64) ** 2) for _, p0 in pairs))
     assert_updates_close(state, single, init)

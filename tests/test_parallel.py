@@ -42,7 +42,7 @@ def run_steps(cfg, mesh, num_steps=3):
     losses, grad_norms = [], []
     for _ in range(num_steps):
         state, metrics = program.step(state, None, parallel.shard_batch(next(batches), mesh),
-                                      jax.random.key(1))
+                                      jax.random.key(1), None)
         losses.append(float(metrics["loss"]))
         grad_norms.append(float(metrics["grad_norm"]))
     return state, init, losses, grad_norms
@@ -76,11 +76,11 @@ def test_sharded_step_equals_single_device(shape, single_device_run):
     np.testing.assert_allclose(grad_norms, ref_grad_norms, rtol=UPDATE_RTOL)
     assert_updates_close(state, ref_state, init)
     if shape[1] > 1:
-        kernel = state.params["block0_dense"]["kernel"]
+        kernel = state.net.params["block0_dense"]["kernel"]
         assert "fsdp" in kernel.sharding.spec, kernel.sharding
         # Each device holds 1/fsdp of the kernel, and the Adam moments follow the params.
         assert kernel.addressable_shards[0].data.size == kernel.size // shape[1]
-        moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == kernel.shape]
+        moments = [x for x in jax.tree.leaves(state.net.opt_state) if x.shape == kernel.shape]
         assert moments and all(m.sharding.spec == kernel.sharding.spec for m in moments)
 
 
@@ -109,7 +109,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     cfg.mesh.update(data=2, fsdp=4)
     restored, meta = train.load_state(cfg, str(tmp_path))
     assert meta["step"] == 2
-    kernel = restored.params["block0_dense"]["kernel"]
+    kernel = restored.net.params["block0_dense"]["kernel"]
     assert kernel.sharding.mesh.shape == {"data": 2, "fsdp": 4} and "fsdp" in kernel.sharding.spec
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

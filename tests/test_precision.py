@@ -20,7 +20,7 @@ def test_bf16_compute_keeps_fp32_params_and_close_loss():
     state = edm.init(cfg, jax.random.key(1))
     # Move off the (near-zero) output init so the network's output matters in the loss.
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape),
-                          state.params)
+                          state.net.params)
 
     def loss_and_grad(dtype):
         cfg.model.compute_dtype = dtype

@@ -29,8 +29,9 @@ Sources and facts:
   `resample_filter` buffers are constants of the architecture: they are checked, not copied.
 
 The run directory holds `checkpoints/0/{state,meta}` in the layout an EDM training run writes
-(jaxdistill/checkpoint.py): state {'step', 'ema_params', 'consts'} and meta with the full config
-(method 'edm', config.network = the converted network), which is what `jaxdistill.teacher.load`
+(jaxdistill/checkpoint.py): state {'step', 'net': {'emas': {'ema': params}, 'consts'}} (the
+layout of an EDM run's `EDMState.net`) and meta with the full config (method 'edm',
+config.network = the converted network), which is what `jaxdistill.teacher.load`
 reads for `config.teacher.kind='checkpoint'`.  Only the EMA weights are written (no optimizer
 state), so the directory is a teacher, not a resumable EDM run.
 """
@@ -338,7 +339,8 @@ def write_teacher_run(out_dir: str, variables: dict, network: dict, sigma_data: 
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; choose an empty OUT_DIR")
     consts = {k: v for k, v in variables.items() if k != "params"}
-    state = {"step": np.zeros((), np.int32), "ema_params": variables["params"], "consts": consts}
+    state = {"step": np.zeros((), np.int32),
+             "net": {"emas": {"ema": variables["params"]}, "consts": consts}}
     config = teacher_config(network, sigma_data)
     mngr = checkpoint.manager(ckpt_dir, keep=1)
     checkpoint.save(mngr, 0, state, {

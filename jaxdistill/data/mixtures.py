@@ -14,6 +14,8 @@ component is its own class. `load_file` builds a mixture from a user's `.npz` / 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -137,6 +139,7 @@ def sample(mix: GaussianMixture, key: jax.Array, n: int, labels: jax.Array | Non
     return mix.means[comp] + std * noise, comp
 
 
+@dataclasses.dataclass(frozen=True)
 class AnalyticTeacher:
     """The exact denoiser with a trained teacher's call signature.
 

@@ -19,13 +19,11 @@ import copy
 from typing import Callable
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jaxdistill import diffusion, methods, parallel, samplers
+from jaxdistill import diffusion, methods, objectives, parallel, samplers
 from jaxdistill.eval import sample_metrics
-from jaxdistill.methods import common
 
 _CACHE_SIZE = 64  # compiled samplers kept; the oldest unused one is dropped beyond that
 _compiled: collections.OrderedDict = collections.OrderedDict()
@@ -61,70 +59,63 @@ def replicated_like(tree):
     return parallel.replicated(sharding.mesh) if isinstance(sharding, NamedSharding) else None
 
 
-def student_sampler(config, n: int, out_sharding=None) -> Callable:
-    """`method.sample(config, state, key, n)` jitted as (state, key) -> (x, labels).
+def student_sampler(config, n: int, out_sharding=None, *, num_steps=None,
+                    weights=None) -> Callable:
+    """`method.sample(config, state, key, n, num_steps=, weights=)` jitted as (state, key) ->
+    (x, labels).
 
-    Cached by (config content, n, out_sharding); the method is `config.method.name`, part of the
-    content. jax.jit then compiles it once per state structure / shardings."""
+    Cached by (config content, n, out_sharding, num_steps, weights); the method is
+    `config.method.name`, part of the content. jax.jit then compiles it once per state structure
+    / shardings."""
+    if num_steps == config.sample.num_steps:
+        num_steps = None  # the config's own setting: one program either way
+
     def make():
         cfg = copy.deepcopy(config)  # the program's own snapshot: later edits cannot reach it
         method = methods.get(cfg.method.name)
 
         def sample_student(state, key):
-            return method.sample(cfg, state, key, n)
+            return method.sample(cfg, state, key, n, num_steps=num_steps, weights=weights)
 
         return jax.jit(sample_student, out_shardings=out_sharding)
 
-    return _cached(("student", config_key(config), n, out_sharding), make)
+    return _cached(("student", config_key(config), n, out_sharding, num_steps, weights), make)
 
 
-def _teacher_view(config):
-    """The fields the teacher's samplers read (config.teacher, config.model): a teacher sampler is
-    shared by every student config distilled from the same teacher. Reading any other field from
-    it fails loudly (never a stale program); method.name is kept for teacher_denoiser's error
-    message only."""
-    return ml_collections.ConfigDict({"teacher": copy.deepcopy(config.teacher),
-                                      "model": copy.deepcopy(config.model),
-                                      "method": {"name": config.method.name}})
-
-
-def teacher_sampler(config, n: int, sampler: str, num_steps: int, out_sharding=None) -> Callable:
+def teacher_sampler(config, teacher, n: int, sampler: str, num_steps: int,
+                    out_sharding=None) -> Callable:
     """The frozen teacher's `sampler` on EDM's Karras grid of `num_steps` steps, jitted as
-    (teacher, key) -> n samples; cached by (config.teacher and config.model content, n, sampler,
-    num_steps, out_sharding)."""
-    view = _teacher_view(config)
+    (teacher, key) -> n samples; cached by (the teacher's denoise function, config.model's shape
+    and classes, n, sampler, num_steps, out_sharding): one program serves every student config
+    distilled from the same teacher."""
+    label_dim, shape = config.model.label_dim, tuple(config.model.shape)
 
     def make():
-        denoise_fn = common.teacher_denoiser(view)
-        label_dim, shape = view.model.label_dim, tuple(view.model.shape)
         sigmas = diffusion.karras_sigmas(num_steps)
 
         def sample_teacher(tch, key):
-            k_labels, k_noise, k_sampler = jax.random.split(key, 3)
-            labels = common.one_hot(common.random_labels(k_labels, n, label_dim), label_dim)
-            noise = jax.random.normal(k_noise, (n,) + shape)
-            return samplers.sample(sampler, lambda x, s: denoise_fn(tch, x, s, labels), noise,
-                                   sigmas, k_sampler)
+            labels = objectives.draw_labels(objectives.stream(key, "labels"), n, label_dim)
+            onehot = objectives.one_hot(labels, label_dim)
+            noise = objectives.draw_noise(objectives.stream(key, "noise"), n, shape)
+            return samplers.sample(sampler, lambda x, s: tch(x, s, onehot), noise, sigmas,
+                                   objectives.stream(key, "sampler"))
 
         return jax.jit(sample_teacher, out_shardings=out_sharding)
 
-    key = ("teacher", config_key(ml_collections.ConfigDict({"teacher": view.teacher,
-                                                           "model": view.model})),
-           n, sampler, num_steps, out_sharding)
+    key = ("teacher", teacher.denoise, shape, label_dim, n, sampler, num_steps, out_sharding)
     return _cached(key, make)
 
 
 def teacher_samples(config, teacher, key: jax.Array, n: int, sampler: str, num_steps: int):
     """n samples of the frozen teacher with EDM's Karras grid of `num_steps` steps."""
-    run = teacher_sampler(config, n, sampler, num_steps, replicated_like(teacher))
+    run = teacher_sampler(config, teacher, n, sampler, num_steps, replicated_like(teacher))
     return np.asarray(run(teacher, key))
 
 
-def student_samples(config, state, key: jax.Array, n: int, num_steps: int, **sample_overrides):
-    cfg = copy.deepcopy(config)
-    cfg.sample.num_steps = num_steps
-    cfg.sample.update(sample_overrides)
-    x, _ = student_sampler(cfg, n, replicated_like(state))(state, key)
+def student_samples(config, state, key: jax.Array, n: int, num_steps: int, weights=None):
+    run = student_sampler(config, n, replicated_like(state), num_steps=num_steps,
+                          weights=weights)
+    x, _ = run(state, key)
     return np.asarray(x)
 
 

@@ -1,35 +1,24 @@
-"""Pieces every method shares: network construction, optimizer with warm-up, EDM's EMA,
-gradient sanitising, labels, and turning a denoiser into a sampler's `denoise(x, sigma)`.
+"""Pieces every method shares: network construction, initialising from the teacher, sampling a
+denoiser with `config.sample`, the configured distance, and per-phase metrics.
 
-Facts from NVlabs/edm training/training_loop.py: lr ramp lr * min(nimg / rampup_nimg, 1); EMA
-half-life in images with ema_halflife_nimg = min(halflife, nimg * rampup_ratio) and
-beta = 0.5 ** (batch / halflife_nimg); gradients nan_to_num(nan=0, posinf=1e5, neginf=-1e5).
+The shared formulas themselves (noising, the EDM-weighted loss, labels and noise, named random
+streams, distances) are in jaxdistill.objectives; a network's update (optimizer, EMAs, gradient
+sanitising) is jaxdistill.methods.trainable.Trainable.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from jaxdistill import diffusion, networks, samplers
+from jaxdistill import diffusion, objectives, samplers
+from jaxdistill import teacher as teacher_lib
 from jaxdistill.networks.denoiser import EDMDenoiser
-
-
-def _denoiser_from(config, net_cfg, field: str) -> EDMDenoiser:
-    """The EDM-preconditioned network named by `net_cfg` (name + constructor fields)."""
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in net_cfg.items() if k != "name"}
-    try:
-        net = networks.create(net_cfg.name, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"{field} has a field the network {net_cfg.name!r} does not take: "
-                         f"{e}") from None
-    return EDMDenoiser(net, sigma_data=config.model.sigma_data,
-                       compute_dtype=config.model.compute_dtype)
 
 
 def build_denoiser(config) -> EDMDenoiser:
     """The trained network (student, or the teacher being trained) of `config.network`."""
-    return _denoiser_from(config, config.network, "config.network")
+    return teacher_lib.network_denoiser(config.network, config.model.sigma_data,
+                                        config.model.compute_dtype, field="config.network")
 
 
 def init_variables(config, denoiser: EDMDenoiser, rng: jax.Array) -> tuple[dict, dict]:
@@ -41,109 +30,48 @@ def init_variables(config, denoiser: EDMDenoiser, rng: jax.Array) -> tuple[dict,
     return params, variables
 
 
-def lr_schedule(optim_cfg, batch_size: int):
-    """Linear warm-up over `lr_rampup_images` images, then constant (EDM)."""
-    rampup_steps = optim_cfg.lr_rampup_images / batch_size
-    if rampup_steps <= 0:
-        return optim_cfg.lr
-    return lambda step: optim_cfg.lr * jnp.minimum(step / rampup_steps, 1.0)
-
-
-def make_optimizer(optim_cfg, batch_size: int,
-                   optimizer=optax.adam) -> optax.GradientTransformation:
-    """`optimizer`(b1, b2, eps) (Adam for EDM, RAdam for CTM) with the warm-up schedule and
-    optional global-norm clipping (grad_clip > 0)."""
-    chain = []
-    if optim_cfg.get("grad_clip", 0.0) > 0:
-        chain.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
-    chain.append(optimizer(lr_schedule(optim_cfg, batch_size), b1=optim_cfg.b1, b2=optim_cfg.b2,
-                           eps=optim_cfg.eps))
-    return optax.chain(*chain)
-
-
-def sanitize_grads(grads):
-    """Replace NaN by 0 and +-Inf by +-1e5 so one bad batch cannot poison the weights (EDM)."""
-    return jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
-
-
-def ema_beta(step: jax.Array, batch_size: int, halflife_images: float, rampup_ratio: float | None):
-    nimg = step.astype(jnp.float32) * batch_size
-    halflife = jnp.asarray(halflife_images, jnp.float32)
-    if rampup_ratio:
-        halflife = jnp.minimum(halflife, nimg * rampup_ratio)
-    return 0.5 ** (batch_size / jnp.maximum(halflife, 1e-8))
-
-
-def ema_update(ema, params, beta):
-    return jax.tree.map(lambda e, p: beta * e + (1.0 - beta) * p, ema, params)
-
-
-def one_hot(labels: jax.Array | None, label_dim: int):
-    """Integer labels -> one-hot float (N, label_dim); None when the model is unconditional."""
-    if not label_dim:
-        return None
-    return jax.nn.one_hot(labels, label_dim, dtype=jnp.float32)
-
-
-def random_labels(key: jax.Array, n: int, label_dim: int):
-    return jax.random.randint(key, (n,), 0, label_dim) if label_dim else None
-
-
-def sample_with(config, denoiser, variables, key: jax.Array, n: int, labels=None):
-    """Samples n examples with `config.sample` (sampler, grid, churn, guidance) from `denoiser`.
+def sample_with(config, denoise_labels, key: jax.Array, n: int, *, labels=None, num_steps=None,
+                sampler=None, sigmas=None):
+    """n samples of `denoise_labels(x, sigma, onehot)` with `config.sample` (sampler, grid,
+    churn, guidance); `num_steps` / `sampler` / `sigmas` override the config's grid.
 
     Returns (samples, integer labels or None).
     """
     sc = config.sample
     label_dim = config.model.label_dim
-    k_labels, k_noise, k_sampler = jax.random.split(key, 3)
     if labels is None:
-        labels = random_labels(k_labels, n, label_dim)
-    onehot = one_hot(labels, label_dim)
-
-    def denoise_labels(x, sigma, lab):
-        return denoiser(variables, x, sigma, lab)
-
+        labels = objectives.draw_labels(objectives.stream(key, "labels"), n, label_dim)
+    onehot = objectives.one_hot(labels, label_dim)
     if sc.get("guidance_scale", 1.0) != 1.0:
         denoise_labels = samplers.classifier_free_guidance(denoise_labels, sc.guidance_scale)
 
     def denoise(x, sigma):
         return denoise_labels(x, sigma, onehot)
 
-    append_zero = sc.sampler != "multistep"
-    sigmas = diffusion.karras_sigmas(sc.num_steps, sc.sigma_min, sc.sigma_max, sc.rho,
-                                     append_zero=append_zero)
+    sampler = sampler or sc.sampler
+    if sigmas is None:
+        sigmas = diffusion.karras_sigmas(num_steps or sc.num_steps, sc.sigma_min, sc.sigma_max,
+                                         sc.rho, append_zero=sampler != "multistep")
     kwargs = {}
-    if sc.sampler == "heun":
+    if sampler == "heun":
         kwargs = dict(s_churn=sc.get("s_churn", 0.0), s_min=sc.get("s_min", 0.0),
                       s_max=sc.get("s_max", float("inf")), s_noise=sc.get("s_noise", 1.0))
-    elif sc.sampler == "ddim":
+    elif sampler == "ddim":
         kwargs = dict(eta=sc.get("eta", 0.0))
-    noise = jax.random.normal(k_noise, (n,) + tuple(config.model.shape))
-    return samplers.sample(sc.sampler, denoise, noise, sigmas, k_sampler, **kwargs), labels
-
-
-def teacher_denoiser(config):
-    """The frozen teacher's denoiser with the shared signature (variables, x, sigma, labels)."""
-    from jaxdistill.data.mixtures import AnalyticTeacher
-
-    if config.teacher.kind == "analytic":
-        return AnalyticTeacher()
-    if config.teacher.kind == "checkpoint":
-        return _denoiser_from(config, config.teacher.network, "config.teacher.network")
-    raise ValueError(f"config.method.name={config.method.name!r} needs a teacher: set "
-                     "config.teacher.kind to 'analytic' or 'checkpoint'")
+    noise = objectives.draw_noise(objectives.stream(key, "noise"), n, config.model.shape)
+    return samplers.sample(sampler, denoise, noise, sigmas, objectives.stream(key, "sampler"),
+                           **kwargs), labels
 
 
 def init_student(config, denoiser, rng: jax.Array, teacher=None) -> tuple[dict, dict]:
     """(params, consts) of a fresh `config.network`, with every param and buffer (e.g. NCSN++'s
     random Fourier frequencies, which the teacher was trained with) that matches the teacher's
-    by name and shape copied from it."""
+    by name and shape copied from it. `teacher`: a jaxdistill.teacher.Teacher or None."""
     params, consts = init_variables(config, denoiser, rng)
     if teacher is None:
         return params, consts
-    return (init_from_teacher(params, teacher),
-            init_from_teacher(consts, teacher, collection=None))
+    return (init_from_teacher(params, teacher.params),
+            init_from_teacher(consts, teacher.params, collection=None))
 
 
 def init_from_teacher(student_params, teacher_variables, collection: str | None = "params"):
@@ -170,13 +98,10 @@ def init_from_teacher(student_params, teacher_variables, collection: str | None 
     return jax.tree_util.tree_map_with_path(pick, student_params)
 
 
-def last_layer_kernel(config, tree):
-    """The output layer's kernel in a params-shaped tree (for adaptive loss weights)."""
-    net = config.network
-    name = {"mlp": "output", "dhariwal": "out_conv",
-            "songunet": f"dec_{net.get('img_resolution', 0)}x{net.get('img_resolution', 0)}_aux_conv"
-            }[net.name]
-    return tree[name]["kernel"]
+def output_kernel(config, tree):
+    """The output layer's kernel in a params-shaped tree (CTM's adaptive loss weights): the
+    layer each network declares (`output_kernel` of jaxdistill.networks)."""
+    return build_denoiser(config).net.output_kernel(tree)
 
 
 def distance_params(config):
@@ -190,24 +115,9 @@ def distance_params(config):
 
 
 def distance(config, a, b, lpips_params=None):
-    """Per-example distance between two batches (`config.method.distance`): l2 (mean squared),
-    pseudo_huber or lpips. CTM's loss and DMD's regression loss."""
-    mc = config.method
-    n = a.shape[0]
-    diff = (a - b).reshape(n, -1)
-    if mc.distance == "l2":
-        return jnp.mean(diff**2, axis=1)
-    if mc.distance == "pseudo_huber":
-        # c = 0.00054 sqrt(d) (Song & Dhariwal 2023, improved consistency training) unless set.
-        c = mc.huber_c or 0.00054 * diff.shape[1] ** 0.5
-        return jnp.sqrt(jnp.sum(diff**2, axis=1) + c**2) - c
-    if mc.distance == "lpips":
-        from jaxdistill.networks import lpips
-
-        # CTM uses piq.LPIPS(replace_pooling=True) and DMD piq's LPIPS too: VGG with average
-        # pooling, inputs bilinearly resized to 224 (sony/ctm code/cm/enc_dec_lib.py).
-        return lpips.lpips_distance(lpips_params, a, b, pooling="avg")
-    raise ValueError(f"config.method.distance={mc.distance!r} is not l2, pseudo_huber or lpips")
+    """Per-example `config.method.distance` between two batches (objectives.distance)."""
+    return objectives.distance(config.method.distance, a, b, huber_c=config.method.get("huber_c", 0.0),
+                               lpips_params=lpips_params)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,10 +33,10 @@ shared/research/ctm_dmd2_msd.md section 1):
     multi-scale encoder features (default; needs nothing downloaded), "deit" / "efficientnet" =
     CTM's official deit_base_distilled_patch16_224 + tf_efficientnet_lite0
     (jaxdistill.networks.backbones) from user-supplied weight files.  Pretrained backbone weights
-    are read once when the step is built and stay outside the state (like the teacher: never
-    checkpointed, never in an optimizer; closed over by the step, so the compiled program holds
-    them as constants, as it does LPIPS's weights); their random frozen parts (DeiT readout
-    convs, the projections) live in `disc_consts`.  Discriminator optimiser RAdam with betas (0.5, 0.9) and
+    and LPIPS's are the step's `frozen` argument (`frozen_weights`, read once by the trainer and
+    sharded like the teacher: never checkpointed, never in an optimizer, never baked into the
+    compiled program as constants); their random frozen parts (DeiT readout convs, the
+    projections) are the discriminator Trainable's consts.  Discriminator optimiser RAdam with betas (0.5, 0.9) and
     lr 2e-3 (sony/ctm train_util.py); `d_optimizer='adam'` gives the paper's Adam(0.5, 0.9).
 """
 from __future__ import annotations
@@ -48,29 +48,30 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdistill import augment, diffusion, samplers
-from jaxdistill.methods import common
+from jaxdistill import augment, diffusion, objectives, samplers
+from jaxdistill.methods import common, trainable
 from jaxdistill.methods.protocol import Method
+from jaxdistill.methods.trainable import ONLINE, Trainable
 from jaxdistill.networks import backbones
 from jaxdistill.networks.denoiser import EDMDenoiser
 from jaxdistill.networks.discriminator import (ProjectedDiscriminator, adaptive_weight,
                                                hinge_d_loss, hinge_g_loss)
 
+TARGET = "target"  # the student's EMA theta^- used inside the loss (fixed rate)
 
+
+def eval_ema_names(config) -> tuple[str, ...]:
+    """The student's evaluation EMAs, one per rate in config.method.eval_emas: ema0, ema1, ..."""
+    return tuple(f"ema{i}" for i in range(len(config.method.eval_emas)))
 
 
 @flax.struct.dataclass
 class CTMState:
     step: jax.Array
-    params: Any
-    target_params: Any        # theta^-: fixed-rate EMA used inside the loss
-    ema_params: tuple         # evaluation EMAs, one per rate in config.method.eval_emas
-    consts: Any
-    opt_state: Any
-    disc_params: Any          # {backbone: discriminator heads} ({} when not buildable)
-    disc_consts: Any          # {backbone: {"disc": projections, "backbone": random frozen parts}}
-    disc_opt_state: Any
-    phase_log: Any            # each phase's metrics at its last update (init_phase_log(PHASES))
+    student: Trainable   # emas: {TARGET: theta^-, 'ema0', 'ema1', ...: evaluation EMAs}
+    disc: Trainable      # params {backbone: discriminator heads} ({} when not buildable);
+    #                      consts {backbone: {"disc": projections, "backbone": random frozen parts}}
+    phase_log: Any       # each phase's metrics at its last update (init_phase_log(PHASES))
 
 
 # The metrics each phase records when it runs (the same with the GAN on or off, so the state's
@@ -105,8 +106,8 @@ def gan_backbone_names(config) -> tuple:
     return names
 
 
-def backbone_features(config, teacher_net, teacher, x):
-    """The frozen teacher network's multi-scale encoder features of images x (GAN backbone).
+def backbone_features(config, teacher, x):
+    """The frozen network teacher's multi-scale encoder features of images x (GAN backbone).
 
     Images are shown to the teacher at the small noise level `config.method.gan_feature_sigma`.
     """
@@ -114,8 +115,8 @@ def backbone_features(config, teacher_net, teacher, x):
     _, _, c_in, c_noise = diffusion.edm_precond(sigma)
     label_dim = config.model.label_dim
     labels = jnp.zeros((x.shape[0], label_dim)) if label_dim else None
-    _, inter = teacher_net.net.apply(teacher, diffusion.expand_to(c_in, x) * x, c_noise, labels,
-                                     mutable=["intermediates"])
+    _, inter = teacher.denoise.net.apply(teacher.params, diffusion.expand_to(c_in, x) * x,
+                                         c_noise, labels, mutable=["intermediates"])
     # No stop_gradient: the generator's GAN gradient flows through the frozen backbone.
     return list(inter["intermediates"]["encoder"])
 
@@ -124,28 +125,32 @@ def init_backbone(config, name, key, teacher):
     """(random frozen collections, zero feature maps of the right shapes) of backbone `name`."""
     shape = tuple(config.model.shape)
     if name == "teacher":
-        return {}, backbone_features(config, common.teacher_denoiser(config), teacher,
-                                     jnp.zeros((1,) + shape))
+        return {}, backbone_features(config, teacher, jnp.zeros((1,) + shape))
     frozen, abstract = backbones.init_random(backbones.build(name, config.method), key, shape)
     return frozen, [jnp.zeros(a.shape, a.dtype) for a in abstract]
 
 
-def feature_fn(config, name, teacher_net):
-    """(teacher, random frozen collections, images) -> feature maps of backbone `name`.
+def gan_enabled(config) -> bool:
+    return config.method.gan_weight > 0
 
-    Pretrained weights are read here, once (a missing file fails before training), and closed
-    over: no optimizer ever sees them; gradients flow through them to the images.
-    """
-    if name == "teacher":
-        return lambda teacher, frozen, x: backbone_features(config, teacher_net, teacher, x)
-    backbone = backbones.build(name, config.method)
-    pretrained = backbone.load()
-    return lambda teacher, frozen, x: backbones.features(backbone, {**pretrained, **frozen}, x)
+
+def frozen_weights(config) -> dict:
+    """The pretrained frozen weights the step takes as its `frozen` argument, read once from the
+    user's files (a missing file fails here, before training): LPIPS's when
+    config.method.distance = 'lpips', each pretrained GAN backbone's when the GAN is on."""
+    frozen = {}
+    if config.method.distance == "lpips":
+        frozen["lpips"] = common.distance_params(config)
+    if gan_enabled(config):
+        frozen["backbones"] = {name: backbones.build(name, config.method).load()
+                               for name in gan_backbone_names(config)
+                               if name in backbones.PRETRAINED}
+    return frozen
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
     """The student's RAdam (sony/ctm), built by the shared optimizer factory."""
-    return common.make_optimizer(config.optim, config.train.batch_size, optimizer=optax.radam)
+    return trainable.make_optimizer(config.optim, config.train.batch_size, optimizer=optax.radam)
 
 
 def init(config, rng: jax.Array, teacher=None) -> CTMState:
@@ -153,12 +158,10 @@ def init(config, rng: jax.Array, teacher=None) -> CTMState:
     if not config.network.get("s_embedding"):
         raise ValueError("CTM's student needs the target-time input: set "
                          "config.network.s_embedding=True")
-    denoiser = common.build_denoiser(config)
-    params, consts = common.init_student(config, denoiser, rng, teacher)
-    copy = lambda: jax.tree.map(jnp.copy, params)  # noqa: E731
+    params, consts = common.init_student(config, common.build_denoiser(config), rng, teacher)
     disc_params, disc_consts = {}, {}
     names = gan_backbone_names(config)
-    if "teacher" not in names or config.teacher.kind == "checkpoint":
+    if "teacher" not in names or isinstance(getattr(teacher, "denoise", None), EDMDenoiser):
         # Always built when possible, so a CTM+DSM run can switch its GAN phase on.
         k_gan = jax.random.fold_in(rng, 1)
         for i, name in enumerate(names):
@@ -167,11 +170,10 @@ def init(config, rng: jax.Array, teacher=None) -> CTMState:
             disc_vars = dict(ProjectedDiscriminator().init({"params": k_disc}, feats))
             disc_params[name] = disc_vars.pop("params")
             disc_consts[name] = {"disc": disc_vars, "backbone": frozen}
-    return CTMState(step=jnp.zeros((), jnp.int32), params=params, target_params=copy(),
-                    ema_params=tuple(copy() for _ in config.method.eval_emas), consts=consts,
-                    opt_state=make_optimizer(config).init(params), disc_params=disc_params,
-                    disc_consts=disc_consts,
-                    disc_opt_state=make_disc_optimizer(config).init(disc_params),
+    student = Trainable.create(params, make_optimizer(config), consts=consts,
+                               emas=(TARGET, *eval_ema_names(config)))
+    disc = Trainable.create(disc_params, make_disc_optimizer(config), consts=disc_consts)
+    return CTMState(step=jnp.zeros((), jnp.int32), student=student, disc=disc,
                     phase_log=common.init_phase_log(PHASES))
 
 
@@ -227,85 +229,102 @@ def dsm_sigmas(key: jax.Array, n: int, mc):
         diffusion.sample_karras_position_sigma(k_kp, (n - half,), mc.dsm_max_position)])
 
 
+def _needs(frozen, key: str, what: str):
+    if frozen is None or key not in frozen:
+        raise ValueError(f"{what} needs its pretrained weights as the step's `frozen` argument: "
+                         "pass frozen=METHOD.frozen_weights(config) (the trainer does)")
+    return frozen[key]
+
+
 def train_step(config):
-    """step(state, teacher, batch, rng) -> (state, metrics): one CTM + DSM generator update, or
-    with the GAN on, a generator or discriminator update; the metrics are then both phases' last
-    recorded ones with `gen_last_step` / `disc_last_step` (0: not run yet)."""
+    """step(state, teacher, batch, rng, frozen=None) -> (state, metrics): one CTM + DSM generator
+    update, or with the GAN on, a generator or discriminator update; the metrics are then both
+    phases' last recorded ones with `gen_last_step` / `disc_last_step` (0: not run yet).
+    `frozen` is `frozen_weights(config)` (LPIPS / pretrained GAN backbones; None when unused)."""
     mc = config.method
     denoiser = common.build_denoiser(config)
-    teacher_net = common.teacher_denoiser(config)
     tx = make_optimizer(config)
     grid = diffusion.karras_sigmas(mc.num_scales, append_zero=False)
-    lpips_params = common.distance_params(config)
-
-    gan = mc.gan_weight > 0
+    ema_decays = {TARGET: mc.target_ema, **dict(zip(eval_ema_names(config), mc.eval_emas))}
+    gan = gan_enabled(config)
     names = gan_backbone_names(config)
-    if gan and "teacher" in names and not isinstance(teacher_net, EDMDenoiser):
-        raise ValueError("config.method.gan_weight > 0 with the 'teacher' GAN backbone needs a "
-                         "network teacher for the discriminator's features: "
-                         "config.teacher.kind='checkpoint' (or other config.method.gan_backbones)")
-    features = {name: feature_fn(config, name, teacher_net) for name in names} if gan else {}
     disc = ProjectedDiscriminator()
     d_tx = make_disc_optimizer(config)
+    pretrained = {name: backbones.build(name, mc) for name in names
+                  if gan and name in backbones.PRETRAINED}
 
-    def step(state: CTMState, teacher, batch, rng):
+    def step(state: CTMState, teacher, batch, rng, frozen=None):
+        if gan and "teacher" in names and not isinstance(teacher.denoise, EDMDenoiser):
+            raise ValueError("config.method.gan_weight > 0 with the 'teacher' GAN backbone needs "
+                             "a network teacher for the discriminator's features: "
+                             "config.teacher.kind='checkpoint' (or other "
+                             "config.method.gan_backbones)")
+        lpips_params = (_needs(frozen, "lpips", "config.method.distance='lpips'")
+                        if mc.distance == "lpips" else None)
+        backbone_weights = (_needs(frozen, "backbones", f"config.method.gan_backbones={names}")
+                            if pretrained else {})
         key = jax.random.fold_in(rng, state.step)
-        (k_heun, k_idx, k_noise, k_drop, k_dsm, k_dsm_noise, k_dsm_drop, k_aug_fake,
-         k_aug_real) = jax.random.split(key, 9)
+        stream = lambda name: objectives.stream(key, name)  # noqa: E731
         x0 = batch["x"]
         n = x0.shape[0]
-        labels = common.one_hot(batch["label"], config.model.label_dim)
-        var = lambda p: {"params": p, **state.consts}  # noqa: E731
+        labels = objectives.one_hot(batch["label"], config.model.label_dim)
+        student = state.student
+        var = student.variables
         sigma_min = jnp.full((n,), diffusion.SIGMA_MIN)
 
-        k = sample_heun_steps(k_heun, mc.num_heun_step, mc.heun_step_multiplier)
-        n_t, n_u, n_s = sample_indices(k_idx, n, mc.num_scales, k)
+        k = sample_heun_steps(stream("heun_steps"), mc.num_heun_step, mc.heun_step_multiplier)
+        n_t, n_u, n_s = sample_indices(stream("indices"), n, mc.num_scales, k)
         t, u, s = grid[n_t], grid[n_u], grid[n_s]
-        x_t = x0 + diffusion.expand_to(t, x0) * jax.random.normal(k_noise, x0.shape)
+        x_t = objectives.add_noise(stream("noise"), x0, t)
 
         def estimate_fn(params):
             """G_sg-(G_theta(x_t, t, s), s, sigma_min): the CTM estimate and the GAN's fake."""
-            x_s = jump(denoiser, var(params), x_t, t, s, labels, train=True, rng=k_drop)
-            return jump(denoiser, var(state.target_params), x_s, s, sigma_min, labels)
+            x_s = jump(denoiser, var(params), x_t, t, s, labels, train=True,
+                       rng=stream("dropout"))
+            return jump(denoiser, var(student.emas[TARGET]), x_s, s, sigma_min, labels)
 
-        def disc_logits(disc_params, images, aug_key):
+        def features(name, random_frozen, x):
+            if name == "teacher":
+                return backbone_features(config, teacher, x)
+            return backbones.features(pretrained[name],
+                                      {**backbone_weights[name], **random_frozen}, x)
+
+        def disc_logits(disc_params, images, aug_stream):
             """One (N, P) logits map per backbone, each on its own DiffAugment draw."""
             logits = []
             for i, name in enumerate(names):
                 x = images
                 if mc.diffaug and images.ndim == 4:  # DiffAugment is for images, not vectors
-                    x = augment.diff_augment(jax.random.fold_in(aug_key, i), images, mc.diffaug)
-                consts = state.disc_consts[name]
-                feats = features[name](teacher, consts["backbone"], x)
+                    x = augment.diff_augment(jax.random.fold_in(stream(aug_stream), i), images,
+                                             mc.diffaug)
+                consts = state.disc.consts[name]
+                feats = features(name, consts["backbone"], x)
                 logits.append(disc.apply({"params": disc_params[name], **consts["disc"]}, feats,
                                          return_map=True))
             return logits
 
         def generator_update(state):
             # Target: teacher t -> u, stop-grad student u -> s, target network s -> sigma_min.
-            teacher_denoise = lambda x, sig: teacher_net(teacher, x, sig, labels)  # noqa: E731
+            teacher_denoise = lambda x, sig: teacher(x, sig, labels)  # noqa: E731
             x_u = teacher_solve(teacher_denoise, x_t, grid, n_t, k)
-            x_s_target = jump(denoiser, var(state.params), x_u, u, s, labels)
+            x_s_target = jump(denoiser, var(), x_u, u, s, labels)
             target = jax.lax.stop_gradient(
-                jump(denoiser, var(state.target_params), x_s_target, s, sigma_min, labels))
+                jump(denoiser, var(student.emas[TARGET]), x_s_target, s, sigma_min, labels))
 
             def dsm_loss(params):
-                sigma = dsm_sigmas(k_dsm, n, mc)
-                noisy = x0 + diffusion.expand_to(sigma, x0) * jax.random.normal(k_dsm_noise,
-                                                                                x0.shape)
+                sigma = dsm_sigmas(stream("dsm_sigma"), n, mc)
+                noisy = objectives.add_noise(stream("dsm_noise"), x0, sigma)
                 d = own_denoiser(denoiser, var(params), noisy, sigma, labels, train=True,
-                                 rng=k_dsm_drop)
-                per_example = jnp.mean(((d - x0) ** 2).reshape(n, -1), axis=1)
-                return jnp.mean(diffusion.edm_loss_weight(sigma, config.model.sigma_data)
-                                * per_example)
+                                 rng=stream("dsm_dropout"))
+                return jnp.mean(objectives.denoising_loss(d, x0, sigma, config.model.sigma_data))
 
             # One forward of the estimate, pulled back for each loss that uses it.
-            estimate, pullback = jax.vjp(estimate_fn, state.params)
+            estimate, pullback = jax.vjp(estimate_fn, student.params)
             l_ctm, d_ctm = jax.value_and_grad(
                 lambda e: jnp.mean(common.distance(config, e, target, lpips_params)))(estimate)
             (g_ctm,) = pullback(d_ctm)
-            l_dsm, g_dsm = jax.value_and_grad(dsm_loss)(state.params)
-            last = lambda g: common.last_layer_kernel(config, g)  # noqa: E731
+            l_dsm, g_dsm = jax.value_and_grad(dsm_loss)(student.params)
+            last = denoiser.net.output_kernel
             lam = (adaptive_weight(last(g_ctm), last(g_dsm), clip=None) if mc.dsm_adaptive
                    else jnp.ones(()))
             lam = jax.lax.stop_gradient(lam) * mc.dsm_weight
@@ -315,7 +334,7 @@ def train_step(config):
             if gan:
                 l_gan, d_gan = jax.value_and_grad(
                     lambda e: mean_over_backbones(
-                        map(hinge_g_loss, disc_logits(state.disc_params, e, k_aug_fake))))(
+                        map(hinge_g_loss, disc_logits(state.disc.params, e, "aug_fake"))))(
                         estimate)
                 (g_gan,) = pullback(d_gan)
                 on = (state.step >= mc.gan_start_step).astype(jnp.float32)
@@ -324,41 +343,30 @@ def train_step(config):
                 grads = jax.tree.map(lambda a, b: a + lam_gan * b, grads, g_gan)
                 loss = loss + lam_gan * l_gan
                 metrics.update(gan_g_loss=l_gan, gan_lambda=lam_gan)
-            grads = common.sanitize_grads(grads)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            target_params = common.ema_update(state.target_params, params, mc.target_ema)
-            ema_params = tuple(common.ema_update(e, params, rate)
-                               for e, rate in zip(state.ema_params, mc.eval_emas))
-            metrics.update(loss=loss, heun_steps=k.astype(jnp.float32),
-                           grad_norm=optax.tree.norm(grads))
+            new_student, grad_norm = student.apply_gradients(tx, grads, ema_decays)
+            metrics.update(loss=loss, heun_steps=k.astype(jnp.float32), grad_norm=grad_norm)
             log = common.record_phase(state.phase_log, "gen", state.step + 1,
                                       dict({m: 0.0 for m in _GAN_ONLY}, **metrics))
-            return state.replace(step=state.step + 1, params=params, target_params=target_params,
-                                 ema_params=ema_params, opt_state=opt_state, phase_log=log)
+            return state.replace(step=state.step + 1, student=new_student, phase_log=log)
 
         def discriminator_update(state):
-            fake = jax.lax.stop_gradient(estimate_fn(state.params))
+            fake = jax.lax.stop_gradient(estimate_fn(student.params))
 
             def d_loss(disc_params):
                 return mean_over_backbones(map(hinge_d_loss,
-                                               disc_logits(disc_params, x0, k_aug_real),
-                                               disc_logits(disc_params, fake, k_aug_fake)))
+                                               disc_logits(disc_params, x0, "aug_real"),
+                                               disc_logits(disc_params, fake, "aug_fake")))
 
-            l_d, g_d = jax.value_and_grad(d_loss)(state.disc_params)
-            updates, disc_opt_state = d_tx.update(common.sanitize_grads(g_d),
-                                                  state.disc_opt_state, state.disc_params)
+            l_d, g_d = jax.value_and_grad(d_loss)(state.disc.params)
+            new_disc, d_grad_norm = state.disc.apply_gradients(d_tx, g_d)
             log = common.record_phase(state.phase_log, "disc", state.step + 1,
-                                      {"d_loss": l_d, "d_grad_norm": optax.tree.norm(g_d)})
-            return state.replace(step=state.step + 1,
-                                 disc_params=optax.apply_updates(state.disc_params, updates),
-                                 disc_opt_state=disc_opt_state, phase_log=log)
+                                      {"d_loss": l_d, "d_grad_norm": d_grad_norm})
+            return state.replace(step=state.step + 1, disc=new_disc, phase_log=log)
 
         if not gan:
             # Every step is a generator step: its fresh metrics (the GAN's left out).
             state = generator_update(state)
-            return state, {m: state.phase_log["gen"][m] for m in PHASES["gen"]
-                           if m not in _GAN_ONLY}
+            return state, {m: state.phase_log["gen"][m] for m in metrics(config)}
         # Official alternation (g_learning_period = 2): even steps generator, odd discriminator.
         is_d_step = ((state.step >= mc.gan_start_step)
                      & (state.step % mc.g_learning_period == mc.g_learning_period - 1))
@@ -368,59 +376,77 @@ def train_step(config):
     return step
 
 
+def metrics(config) -> tuple[str, ...]:
+    """Without the GAN, the generator's metrics; with it, both phases' and their last steps."""
+    if not gan_enabled(config):
+        return tuple(m for m in PHASES["gen"] if m not in _GAN_ONLY)
+    return tuple(common.phase_metrics(common.init_phase_log(PHASES)))
+
+
 def gamma_sample(denoiser, variables, noise, labels, *, num_steps: int, gamma: float,
                  key: jax.Array, sigma_min: float = diffusion.SIGMA_MIN,
                  sigma_max: float = diffusion.SIGMA_MAX, rho: float = diffusion.RHO):
-    """CTM gamma-sampling with `num_steps` jumps from sigma_max (NFE = num_steps)."""
+    """CTM gamma-sampling with `num_steps` jumps from sigma_max (NFE = num_steps): the shared
+    denoise / re-noise chain (samplers.denoise_renoise) whose step i jumps from sigma_i to
+    s_i = sigma_{i+1} - gap_i and re-noises to sigma_{i+1}."""
     sigmas = diffusion.karras_sigmas(num_steps + 1, sigma_min, sigma_max, rho, append_zero=False)
     sigmas = sigmas.at[-1].set(sigma_min)  # exact, so the last step adds no noise
+    gaps = (1.0 - (1.0 - gamma**2) ** 0.5) * (sigmas[1:] - sigma_min)  # sigma_{i+1} - s_i
+    s = sigmas[1:] - gaps
     n = noise.shape[0]
-    keys = jax.random.split(key, num_steps)
 
-    def body(x, inputs):
-        t, t_next, k = inputs
-        gap = (1.0 - (1.0 - gamma**2) ** 0.5) * (t_next - sigma_min)  # t_next - s
-        s = t_next - gap
-        x = jump(denoiser, variables, x, jnp.full((n,), t), jnp.full((n,), s), labels)
-        # Re-noise with std sqrt(t_next^2 - s^2) = sqrt(gap (t_next + s)): written without
-        # cancellation so it is exactly 0 for gamma = 0 and on the last step (t_next = sigma_min),
-        # as in the official samplers, which add no noise there (cross-checked against sony/ctm).
-        return x + jnp.sqrt(gap * (t_next + s)) * jax.random.normal(k, x.shape), None
+    def predict(i, x):
+        return jump(denoiser, variables, x, jnp.full((n,), sigmas[i]), jnp.full((n,), s[i]),
+                    labels)
 
-    x, _ = jax.lax.scan(body, noise * sigma_max, (sigmas[:-1], sigmas[1:], keys))
-    return x
+    # Re-noise with std sqrt(sigma_{i+1}^2 - s_i^2) = sqrt(gap (sigma_{i+1} + s)): written
+    # without cancellation so it is exactly 0 for gamma = 0 and on the last step, as in the
+    # official samplers, which add no noise there (cross-checked against sony/ctm).
+    return samplers.denoise_renoise(predict, noise * sigma_max, key, num_steps,
+                                    lambda i: jnp.sqrt(gaps[i] * (sigmas[i + 1] + s[i])))
 
 
-def sample(config, state: CTMState, rng: jax.Array, n: int, labels=None):
-    """n samples from the evaluation EMA `config.sample.ema_index` (returns samples, labels).
+def sample(config, state: CTMState, rng: jax.Array, n: int, *, labels=None, num_steps=None,
+           weights=None):
+    """n samples from the student's `weights` (default: the evaluation EMA
+    `config.sample.ema_index`, or the online weights without EMAs); returns (samples, labels).
 
-    config.sample.sampler == 'gamma' runs gamma-sampling with config.sample.num_steps jumps and
-    config.sample.gamma; any other sampler (heun, euler, ...) runs the student's own denoiser
-    g(x, sigma, sigma) as a diffusion model.
+    config.sample.sampler == 'gamma' runs gamma-sampling with `num_steps` (default
+    config.sample.num_steps) jumps and config.sample.gamma; any other sampler (heun, euler, ...)
+    runs the student's own denoiser g(x, sigma, sigma) as a diffusion model.
     """
     sc = config.sample
     denoiser = common.build_denoiser(config)
-    params = state.ema_params[sc.ema_index] if state.ema_params else state.params
-    variables = {"params": params, **state.consts}
+    ema_names = eval_ema_names(config)
+    if weights is None:
+        weights = ema_names[sc.ema_index] if ema_names else ONLINE
+    variables = state.student.variables(state.student.weights(weights))
     if sc.sampler != "gamma":
-        student_as_diffusion = lambda v, x, sigma, lab: own_denoiser(denoiser, v, x, sigma, lab)  # noqa: E731
-        return common.sample_with(config, student_as_diffusion, variables, rng, n, labels)
-    k_labels, k_noise, k_gamma = jax.random.split(rng, 3)
+        return common.sample_with(
+            config, lambda x, sigma, lab: own_denoiser(denoiser, variables, x, sigma, lab), rng,
+            n, labels=labels, num_steps=num_steps)
     if labels is None:
-        labels = common.random_labels(k_labels, n, config.model.label_dim)
-    noise = jax.random.normal(k_noise, (n,) + tuple(config.model.shape))
-    x = gamma_sample(denoiser, variables, noise, common.one_hot(labels, config.model.label_dim),
-                     num_steps=sc.num_steps, gamma=sc.gamma, key=k_gamma,
-                     sigma_min=sc.sigma_min, sigma_max=sc.sigma_max, rho=sc.rho)
+        labels = objectives.draw_labels(objectives.stream(rng, "labels"), n,
+                                        config.model.label_dim)
+    noise = objectives.draw_noise(objectives.stream(rng, "noise"), n, config.model.shape)
+    x = gamma_sample(denoiser, variables, noise, objectives.one_hot(labels, config.model.label_dim),
+                     num_steps=num_steps or sc.num_steps, gamma=sc.gamma,
+                     key=objectives.stream(rng, "sampler"), sigma_min=sc.sigma_min,
+                     sigma_max=sc.sigma_max, rho=sc.rho)
     return x, labels
 
 
 def validate(config) -> None:
-    """CTM's own fields: GAN backbones and discriminator optimizer names."""
+    """CTM's own fields: GAN backbones, discriminator optimizer, the evaluation EMA index."""
     gan_backbone_names(config)
     make_disc_optimizer(config)
+    num = len(config.method.eval_emas)
+    if num and not 0 <= config.sample.ema_index < num:
+        raise ValueError(f"config.sample.ema_index={config.sample.ema_index} must index "
+                         f"config.method.eval_emas={tuple(config.method.eval_emas)}")
 
 
 # Samplers: the student's own denoiser under every generic sampler, or gamma-sampling.
 METHOD = Method(name="ctm", init=init, train_step=train_step, sample=sample,
-                samplers=(*sorted(samplers.SAMPLERS), "gamma"), validate=validate)
+                samplers=(*sorted(samplers.SAMPLERS), "gamma"), metrics=metrics,
+                validate=validate, frozen_weights=frozen_weights)

@@ -28,11 +28,16 @@ shared/research/ctm_dmd2_msd.md section 2 and msd_lowdiff_dmd1.md section 3):
     (jaxdistill.data.pairs), separate from the DM batch.
   - Teacher score matching (MSD, `tsm_steps`): before distillation, generator and fake score
     regress the teacher's denoiser output at lognormal sigmas on real data.
+
+The pieces are module-level functions that MSD composes and SiD / LowDiff reuse:
+`distribution_matching_loss` (the generator's DM term), `fake_score_loss` (the fake score's
+denoising loss on generated samples), `gan_generator_loss` / `gan_discriminator_loss` (the
+bottleneck head's losses), `regression_loss`, `tsm_loss` and `backward_simulate`; `ttur_update`
+runs one TTUR step of them. Every random draw comes from a named stream (objectives.stream).
 """
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import flax
@@ -40,22 +45,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdistill import diffusion, samplers
-from jaxdistill.methods import common
-from jaxdistill.methods.protocol import Method
+from jaxdistill import diffusion, objectives, samplers
+from jaxdistill import teacher as teacher_lib
+from jaxdistill.methods import common, trainable
+from jaxdistill.methods.protocol import DataStream, Method
+from jaxdistill.methods.trainable import Trainable
 from jaxdistill.networks import bottleneck_head
 from jaxdistill.networks.bottleneck_head import BottleneckClassifier
-
 
 
 @flax.struct.dataclass
 class DMD2State:
     step: jax.Array
-    params: Any           # generator
-    consts: Any           # the networks' buffers (generator and fake score share an architecture)
-    guide_params: Any     # {'fake': fake-score params, 'head': GAN classifier head params}
-    opt_state: Any
-    guide_opt_state: Any
+    generator: Trainable  # consts: the networks' buffers (the fake score shares the architecture)
+    guide: Trainable      # params {'fake': fake-score params, 'head': GAN classifier head params}
     phase_log: Any        # each phase's metrics at its last update (common.init_phase_log(PHASES))
 
 
@@ -69,7 +72,7 @@ PHASES = {
 }
 
 
-def reported_metrics(config) -> dict:
+def reported_phases(config) -> dict:
     """{phase: metrics} a step reports for `config`: the phases and loss terms it has."""
     mc = config.method
     skip = set()
@@ -83,9 +86,20 @@ def reported_metrics(config) -> dict:
     return phases
 
 
+def metrics(config) -> tuple[str, ...]:
+    """Every reported phase metric with `<phase>_last_step`, 'loss' and 'gen_updated'."""
+    return (*common.phase_metrics(common.init_phase_log(PHASES), reported_phases(config)),
+            "loss", "gen_updated")
+
+
 def sigma_table(num: int) -> jax.Array:
     """DMD2's discrete Karras sigmas, ascending (index 0 = sigma_min, num - 1 = sigma_max)."""
     return diffusion.karras_sigmas(num, append_zero=False)[::-1]
+
+
+def table_sigmas(key: jax.Array, table: jax.Array, n: int, low: int, high: int) -> jax.Array:
+    """n sigmas table[i], i ~ U{low..high - 1}."""
+    return table[jax.random.randint(key, (n,), low, high)]
 
 
 def generator_sigmas(num_steps: int) -> jax.Array:
@@ -106,13 +120,97 @@ def dm_loss(x: jax.Array, d_real: jax.Array, d_fake: jax.Array) -> jax.Array:
 def backward_simulate(generate, z: jax.Array, sigmas: jax.Array, k: jax.Array,
                       key: jax.Array) -> jax.Array:
     """The input of a K-step generator's k-th step (no gradient): from x = sigmas[0] z, k times
-    x <- generate(x, sigmas[i]) + sigmas[i + 1] n_i. k = 0 gives pure noise."""
+    x <- generate(x, sigmas[i]) + sigmas[i + 1] n_i (samplers.denoise_renoise). k = 0 gives pure
+    noise."""
+    x = samplers.denoise_renoise(lambda i, x: generate(x, jnp.full((x.shape[0],), sigmas[i])),
+                                 z * sigmas[0], key, k, lambda i: sigmas[i + 1])
+    return jax.lax.stop_gradient(x)
 
-    def body(i, x):
-        x0 = generate(x, jnp.full((x.shape[0],), sigmas[i]))
-        return x0 + sigmas[i + 1] * jax.random.normal(jax.random.fold_in(key, i), x.shape)
 
-    return jax.lax.stop_gradient(jax.lax.fori_loop(0, k, body, z * sigmas[0]))
+def real_score(teacher, x, sigma, onehot, guidance_scale: float = 1.0):
+    """The teacher's denoiser D_real, with classifier-free guidance `guidance_scale` when != 1
+    and the model is conditional (DMD2's real_guidance_scale)."""
+    denoise = teacher.__call__
+    if guidance_scale != 1.0 and onehot is not None:
+        denoise = samplers.classifier_free_guidance(denoise, guidance_scale)
+    return denoise(x, sigma, onehot)
+
+
+def distribution_matching_loss(x, teacher, fake_denoise, key, table, low: int, high: int,
+                               onehot, guidance_scale: float = 1.0) -> jax.Array:
+    """The generator's DM loss on its samples x: both scores at x_t = x + sigma n with
+    sigma = table[i], i ~ U{low..high - 1}; `fake_denoise(x, sigma, onehot)` is the fake score."""
+    sigma = table_sigmas(objectives.stream(key, "dm_sigma"), table, x.shape[0], low, high)
+    x_t = objectives.add_noise(objectives.stream(key, "dm_noise"), x, sigma)
+    return dm_loss(x, real_score(teacher, x_t, sigma, onehot, guidance_scale),
+                   fake_denoise(x_t, sigma, onehot))
+
+
+def fake_score_loss(fake_denoise, x, key, table, onehot, sigma_data: float) -> jax.Array:
+    """The fake score's EDM-weighted denoising loss on (detached) generator samples x, sigma over
+    the whole table."""
+    sigma = table_sigmas(objectives.stream(key, "fake_sigma"), table, x.shape[0], 0,
+                         table.shape[0])
+    d = fake_denoise(objectives.add_noise(objectives.stream(key, "fake_noise"), x, sigma), sigma,
+                     onehot)
+    return jnp.mean(objectives.denoising_loss(d, x, sigma, sigma_data))
+
+
+def gan_logits(denoiser, variables, head_params, x, sigma, onehot):
+    """The classifier head on the fake-score network's bottleneck features."""
+    _, feats = denoiser(variables, x, sigma, onehot, return_features=True)
+    return BottleneckClassifier().apply({"params": head_params}, feats)
+
+
+def gan_generator_loss(logits_fn, x, key, table, max_index: int, onehot) -> jax.Array:
+    """Softplus generator loss of the head's logits on x noised to table[j], j < max_index.
+    `logits_fn(x, sigma, onehot)` is `gan_logits` with the current fake / head params."""
+    sigma = table_sigmas(objectives.stream(key, "gan_g_sigma"), table, x.shape[0], 0, max_index)
+    x_t = objectives.add_noise(objectives.stream(key, "gan_g_noise"), x, sigma)
+    return bottleneck_head.g_loss(logits_fn(x_t, sigma, onehot))
+
+
+def gan_discriminator_loss(logits_fn, x_real, onehot_real, x_fake, onehot_fake, key, table,
+                           max_index: int, real_weight=None) -> jax.Array:
+    """Softplus head loss: real examples (weighted by `real_weight`, None = 1) against generated
+    ones, each noised to table[j], j < max_index."""
+    s_r = table_sigmas(objectives.stream(key, "gan_d_real_sigma"), table, x_real.shape[0], 0,
+                       max_index)
+    s_f = table_sigmas(objectives.stream(key, "gan_d_fake_sigma"), table, x_fake.shape[0], 0,
+                       max_index)
+    logits_real = logits_fn(objectives.add_noise(objectives.stream(key, "gan_d_real_noise"),
+                                                 x_real, s_r), s_r, onehot_real)
+    logits_fake = logits_fn(objectives.add_noise(objectives.stream(key, "gan_d_fake_noise"),
+                                                 x_fake, s_f), s_f, onehot_fake)
+    return bottleneck_head.d_loss(logits_real, logits_fake, real_weight)
+
+
+def regression_loss(config, generate, batch, lpips_params=None) -> jax.Array:
+    """DMD's regression loss: distance(G(z_ref), y_ref) on the batch's teacher ODE pairs;
+    `generate(x, sigma, onehot)` is the one-step generator at sigma_max."""
+    sigma_max = generator_sigmas(config.method.gen_steps)[0]
+    pairs = batch["pair_noise"]
+    pred = generate(pairs * sigma_max, jnp.full((pairs.shape[0],), sigma_max),
+                    objectives.one_hot(batch["pair_label"], config.model.label_dim))
+    return jnp.mean(common.distance(config, pred, batch["pair_target"], lpips_params))
+
+
+def tsm_loss(denoise, teacher, x_real, key, onehot, *, p_mean, p_std, sigma_data,
+             guidance_scale=1.0, real_weight=None) -> jax.Array:
+    """Teacher score matching: `denoise(x, sigma, onehot)` regresses the teacher's output at
+    lognormal sigmas on real data, EDM-weighted (`real_weight` weights the examples)."""
+    sigma = diffusion.sample_lognormal_sigma(objectives.stream(key, "tsm_sigma"),
+                                             (x_real.shape[0],), p_mean, p_std)
+    x_t = objectives.add_noise(objectives.stream(key, "tsm_noise"), x_real, sigma)
+    target = jax.lax.stop_gradient(real_score(teacher, x_t, sigma, onehot, guidance_scale))
+    return weighted_mean(objectives.denoising_loss(denoise(x_t, sigma, onehot), target, sigma,
+                                                   sigma_data), real_weight)
+
+
+def weighted_mean(per_example, weight=None):
+    if weight is None:
+        return jnp.mean(per_example)
+    return jnp.sum(weight * per_example) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
 def make_optimizers(config):
@@ -122,8 +220,8 @@ def make_optimizers(config):
     guide_cfg = oc.copy_and_resolve_references()
     guide_cfg.lr = config.method.guidance_lr
     batch = config.train.batch_size
-    return (common.make_optimizer(oc, batch, optimizer=adamw),
-            common.make_optimizer(guide_cfg, batch, optimizer=adamw))
+    return (trainable.make_optimizer(oc, batch, optimizer=adamw),
+            trainable.make_optimizer(guide_cfg, batch, optimizer=adamw))
 
 
 def uses_gan(config) -> bool:
@@ -134,25 +232,32 @@ def init(config, rng: jax.Array, teacher=None) -> DMD2State:
     """Generator and fake score from the teacher (by parameter name), a fresh classifier head."""
     denoiser = common.build_denoiser(config)
     params, consts = common.init_student(config, denoiser, rng, teacher)
-    variables = {"params": params, **consts}
     x = jnp.zeros((1,) + tuple(config.model.shape))
     labels = jnp.zeros((1, config.model.label_dim)) if config.model.label_dim else None
-    _, feats = denoiser(variables, x, jnp.ones((1,)), labels, return_features=True)
+    _, feats = denoiser({"params": params, **consts}, x, jnp.ones((1,)), labels,
+                        return_features=True)
     head = BottleneckClassifier().init(jax.random.fold_in(rng, 1), feats)["params"]
-    guide = {"fake": jax.tree.map(jnp.copy, params), "head": head}
     gen_tx, guide_tx = make_optimizers(config)
-    return DMD2State(step=jnp.zeros((), jnp.int32), params=params, consts=consts,
-                     guide_params=guide, opt_state=gen_tx.init(params),
-                     guide_opt_state=guide_tx.init(guide),
+    return DMD2State(step=jnp.zeros((), jnp.int32),
+                     generator=Trainable.create(params, gen_tx, consts=consts),
+                     guide=Trainable.create({"fake": jax.tree.map(jnp.copy, params),
+                                             "head": head}, guide_tx),
                      phase_log=common.init_phase_log(PHASES))
 
 
-def make_update(config):
-    """update(state, teacher, batch, key, gen_labels, real_weight) -> (state, metrics).
+def frozen_weights(config) -> dict:
+    """LPIPS's weights when the regression loss uses them (read once from the user's files)."""
+    if config.method.regression_weight > 0 and config.method.distance == "lpips":
+        return {"lpips": common.distance_params(config)}
+    return {}
+
+
+def ttur_update(config):
+    """update(state, teacher, batch, key, gen_labels, real_weight, frozen) -> (state, metrics).
 
     One TTUR step: the fake score and head always, the generator when its turn comes (or one TSM
     step while step < tsm_steps); each phase records its metrics in `state.phase_log` and the
-    metrics are every phase's last recorded ones (`reported_metrics`) with `<phase>_last_step`,
+    metrics are every phase's last recorded ones (`reported_phases`) with `<phase>_last_step`,
     'loss' (the TSM loss during TSM, then generator + fake-score objective) and 'gen_updated'
     (1 when this step updated the generator). `gen_labels` (M,) are the classes of the M
     generated examples (None: unconditional); `real_weight` (N,) weights the real examples of the
@@ -162,168 +267,117 @@ def make_update(config):
     label_dim = config.model.label_dim
     sigma_data = config.model.sigma_data
     denoiser = common.build_denoiser(config)
-    teacher_net = common.teacher_denoiser(config)
     gen_tx, guide_tx = make_optimizers(config)
-    head = BottleneckClassifier()
     table = sigma_table(mc.num_train_timesteps)
     gen_sigmas = generator_sigmas(mc.gen_steps)
     min_step = int(mc.min_step_percent * mc.num_train_timesteps)
     max_step = int(mc.max_step_percent * mc.num_train_timesteps)
     gan = uses_gan(config)
     regression = mc.regression_weight > 0
-    lpips_params = common.distance_params(config) if regression else None
-    reported = reported_metrics(config)
+    reported = reported_phases(config)
+    guidance = mc.real_guidance_scale
 
-    def real_denoise(teacher, x, sigma, onehot):
-        d = functools.partial(teacher_net, teacher)
-        if mc.real_guidance_scale != 1.0 and onehot is not None:
-            d = samplers.classifier_free_guidance(d, mc.real_guidance_scale)
-        return d(x, sigma, onehot)
-
-    def noised(key, x, sigma):
-        return x + diffusion.expand_to(sigma, x) * jax.random.normal(key, x.shape)
-
-    def table_sigmas(key, n, low, high):
-        return table[jax.random.randint(key, (n,), low, high)]
-
-    def update(state: DMD2State, teacher, batch, key, gen_labels, real_weight):
-        var = lambda p: {"params": p, **state.consts}  # noqa: E731
+    def update(state: DMD2State, teacher, batch, key, gen_labels, real_weight, frozen=None):
+        stream = lambda name: objectives.stream(key, name)  # noqa: E731
+        net = lambda p: functools.partial(denoiser, state.generator.variables(p))  # noqa: E731
         x_real = batch["x"]
-        onehot_real = common.one_hot(batch["label"], label_dim)
-        onehot_gen = common.one_hot(gen_labels, label_dim)
+        onehot_real = objectives.one_hot(batch["label"], label_dim)
+        onehot_gen = objectives.one_hot(gen_labels, label_dim)
         n_gen = x_real.shape[0] if gen_labels is None else gen_labels.shape[0]
-        shape = (n_gen,) + tuple(config.model.shape)
-        keys = iter(jax.random.split(key, 16))  # drawn in a fixed order at trace time
-
-        def weighted_mean(per_example):
-            if real_weight is None:
-                return jnp.mean(per_example)
-            return jnp.sum(real_weight * per_example) / jnp.maximum(jnp.sum(real_weight), 1.0)
 
         def record(state, phase, metrics):
             zeros = {m: 0.0 for m in PHASES[phase]}  # terms this config's objective lacks
             return state.replace(phase_log=common.record_phase(
                 state.phase_log, phase, state.step + 1, dict(zeros, **metrics)))
 
-        def apply(tx, grads, opt_state, params):
-            grads = common.sanitize_grads(grads)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
-
         def tsm_update(state):
-            sigma = diffusion.sample_lognormal_sigma(next(keys), (x_real.shape[0],), mc.p_mean,
-                                                     mc.p_std)
-            x_t = noised(next(keys), x_real, sigma)
-            target = jax.lax.stop_gradient(real_denoise(teacher, x_t, sigma, onehot_real))
-            weight = diffusion.edm_loss_weight(sigma, sigma_data)
-
-            def loss_fn(p):
-                d = denoiser(var(p), x_t, sigma, onehot_real)
-                per = jnp.mean(((d - target) ** 2).reshape(d.shape[0], -1), axis=1)
-                return weighted_mean(weight * per)
-
-            l_gen, g_gen = jax.value_and_grad(loss_fn)(state.params)
-            params, opt_state, gnorm = apply(gen_tx, g_gen, state.opt_state, state.params)
-            l_fake, g_fake = jax.value_and_grad(loss_fn)(state.guide_params["fake"])
+            loss_fn = lambda p: tsm_loss(net(p), teacher, x_real, stream("tsm"),  # noqa: E731
+                                         onehot_real, p_mean=mc.p_mean, p_std=mc.p_std,
+                                         sigma_data=sigma_data, guidance_scale=guidance,
+                                         real_weight=real_weight)
+            l_gen, g_gen = jax.value_and_grad(loss_fn)(state.generator.params)
+            generator, gnorm = state.generator.apply_gradients(gen_tx, g_gen)
+            l_fake, g_fake = jax.value_and_grad(loss_fn)(state.guide.params["fake"])
             g_guide = {"fake": g_fake, "head": jax.tree.map(jnp.zeros_like,
-                                                            state.guide_params["head"])}
-            guide, guide_opt, _ = apply(guide_tx, g_guide, state.guide_opt_state,
-                                        state.guide_params)
+                                                            state.guide.params["head"])}
+            guide, _ = state.guide.apply_gradients(guide_tx, g_guide)
             # The head waits for the GAN (AdamW's weight decay would move it even at zero grad).
-            guide = {"fake": guide["fake"], "head": state.guide_params["head"]}
-            state = state.replace(params=params, opt_state=opt_state, guide_params=guide,
-                                  guide_opt_state=guide_opt)
+            guide = guide.replace(params={"fake": guide.params["fake"],
+                                          "head": state.guide.params["head"]})
+            state = state.replace(generator=generator, guide=guide)
             return record(state, "tsm", {"tsm_loss": l_gen, "tsm_fake_loss": l_fake,
                                          "tsm_grad_norm": gnorm})
 
         def generator_input(params):
             """(x, sigma) the generator is trained at: pure noise, or after k of its own steps."""
-            z = jax.random.normal(next(keys), shape)
-            k_step, k_noise = next(keys), next(keys)
+            z = objectives.draw_noise(stream("gen_noise"), n_gen, config.model.shape)
             if mc.gen_steps == 1:
                 return z * gen_sigmas[0], jnp.full((n_gen,), gen_sigmas[0])
-            k = jax.random.randint(k_step, (), 0, mc.gen_steps)
+            k = jax.random.randint(stream("gen_step"), (), 0, mc.gen_steps)
             if mc.backward_simulation:
-                x = backward_simulate(lambda x, s: denoiser(var(params), x, s, onehot_gen), z,
-                                      gen_sigmas, k, k_noise)
+                generate = lambda x, s: net(params)(x, s, onehot_gen)  # noqa: E731
+                x = backward_simulate(generate, z, gen_sigmas, k, stream("backward_simulation"))
             else:
                 # Real data of the batch noised to the k-th sigma (sd_unified_model without
                 # backward simulation).
-                x = noised(k_noise, x_real[:n_gen], gen_sigmas[k])
+                x = objectives.add_noise(stream("gen_input_noise"), x_real[:n_gen],
+                                         gen_sigmas[k])
             return x, jnp.full((n_gen,), gen_sigmas[k])
 
-        def gan_logits(fake_params, head_params, x, sigma, onehot):
-            _, feats = denoiser(var(fake_params), x, sigma, onehot, return_features=True)
-            return head.apply({"params": head_params}, feats)
+        x_in, sigma_in = generator_input(state.generator.params)
+        generate = lambda p: net(p)(x_in, sigma_in, onehot_gen)  # noqa: E731
 
-        x_in, sigma_in = generator_input(state.params)
-        generate = lambda p: denoiser(var(p), x_in, sigma_in, onehot_gen)  # noqa: E731
-        k_dm_idx, k_dm_noise, k_gan_idx, k_gan_noise = (next(keys) for _ in range(4))
+        def logits_fn(guide_params):
+            return functools.partial(gan_logits, denoiser,
+                                     state.generator.variables(guide_params["fake"]),
+                                     guide_params["head"])
 
         def generator_update(state):
-            fake = state.guide_params
+            guide_params = state.guide.params
 
             def loss_fn(p):
                 x = generate(p)
-                sigma = table_sigmas(k_dm_idx, n_gen, min_step, max_step + 1)
-                x_t = noised(k_dm_noise, x, sigma)
-                d_real = real_denoise(teacher, x_t, sigma, onehot_gen)
-                d_fake = denoiser(var(fake["fake"]), x_t, sigma, onehot_gen)
-                l_dm = dm_loss(x, d_real, d_fake)
-                aux = {"dm_loss": l_dm}
-                total = l_dm
+                aux = {"dm_loss": distribution_matching_loss(
+                    x, teacher, net(guide_params["fake"]), stream("dm"), table, min_step,
+                    max_step + 1, onehot_gen, guidance)}
+                total = aux["dm_loss"]
                 if gan:
-                    sigma_g = table_sigmas(k_gan_idx, n_gen, 0, mc.diffusion_gan_max_timestep)
-                    logits = gan_logits(fake["fake"], fake["head"],
-                                        noised(k_gan_noise, x, sigma_g), sigma_g, onehot_gen)
-                    aux["gen_gan_loss"] = bottleneck_head.g_loss(logits)
+                    aux["gen_gan_loss"] = gan_generator_loss(
+                        logits_fn(guide_params), x, stream("gan_g"), table,
+                        mc.diffusion_gan_max_timestep, onehot_gen)
                     total = total + mc.gen_gan_weight * aux["gen_gan_loss"]
                 if regression:
-                    s_max = jnp.full((batch["pair_noise"].shape[0],), gen_sigmas[0])
-                    pred = denoiser(var(p), batch["pair_noise"] * gen_sigmas[0], s_max,
-                                    common.one_hot(batch["pair_label"], label_dim))
-                    aux["reg_loss"] = jnp.mean(
-                        common.distance(config, pred, batch["pair_target"], lpips_params))
+                    lpips_params = (frozen or {}).get("lpips")
+                    aux["reg_loss"] = regression_loss(config, net(p), batch, lpips_params)
                     total = total + mc.regression_weight * aux["reg_loss"]
                 return total, aux
 
-            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            params, opt_state, gnorm = apply(gen_tx, grads, state.opt_state, state.params)
-            state = state.replace(params=params, opt_state=opt_state)
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.generator.params)
+            generator, gnorm = state.generator.apply_gradients(gen_tx, grads)
+            state = state.replace(generator=generator)
             return record(state, "gen", dict(aux, gen_loss=loss, gen_grad_norm=gnorm))
 
         def skip_generator(state):
             return state
 
         def guidance_update(state):
-            x = jax.lax.stop_gradient(generate(state.params))
-            k_fake_idx, k_fake_noise, k_idx_r, k_noise_r, k_idx_f, k_noise_f = (
-                next(keys) for _ in range(6))
+            x = jax.lax.stop_gradient(generate(state.generator.params))
 
             def loss_fn(gp):
-                sigma = table_sigmas(k_fake_idx, n_gen, 0, mc.num_train_timesteps)
-                d = denoiser(var(gp["fake"]), noised(k_fake_noise, x, sigma), sigma, onehot_gen)
-                per = jnp.mean(((d - x) ** 2).reshape(n_gen, -1), axis=1)
-                l_fake = jnp.mean(diffusion.edm_loss_weight(sigma, sigma_data) * per)
-                aux = {"fake_loss": l_fake}
-                total = l_fake
+                aux = {"fake_loss": fake_score_loss(net(gp["fake"]), x, stream("fake"), table,
+                                                    onehot_gen, sigma_data)}
+                total = aux["fake_loss"]
                 if gan:
-                    n_real = x_real.shape[0]
-                    s_r = table_sigmas(k_idx_r, n_real, 0, mc.diffusion_gan_max_timestep)
-                    s_f = table_sigmas(k_idx_f, n_gen, 0, mc.diffusion_gan_max_timestep)
-                    logits_real = gan_logits(gp["fake"], gp["head"], noised(k_noise_r, x_real, s_r),
-                                             s_r, onehot_real)
-                    logits_fake = gan_logits(gp["fake"], gp["head"], noised(k_noise_f, x, s_f),
-                                             s_f, onehot_gen)
-                    aux["guide_gan_loss"] = bottleneck_head.d_loss(logits_real, logits_fake,
-                                                                   real_weight)
+                    aux["guide_gan_loss"] = gan_discriminator_loss(
+                        logits_fn(gp), x_real, onehot_real, x, onehot_gen, stream("gan_d"),
+                        table, mc.diffusion_gan_max_timestep, real_weight)
                     total = total + mc.guidance_gan_weight * aux["guide_gan_loss"]
                 return total, aux
 
-            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.guide_params)
-            guide, guide_opt, gnorm = apply(guide_tx, grads, state.guide_opt_state,
-                                            state.guide_params)
-            state = state.replace(guide_params=guide, guide_opt_state=guide_opt)
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.guide.params)
+            guide, gnorm = state.guide.apply_gradients(guide_tx, grads)
+            state = state.replace(guide=guide)
             return record(state, "guide", dict(aux, guide_loss=loss, guide_grad_norm=gnorm))
 
         in_tsm = state.step < mc.tsm_steps
@@ -333,8 +387,7 @@ def make_update(config):
             # The generator's step uses the fake score before this step's update (official order).
             new_state = jax.lax.cond(is_gen_step, generator_update, skip_generator, state)
             guided = guidance_update(state)
-            return new_state.replace(guide_params=guided.guide_params,
-                                     guide_opt_state=guided.guide_opt_state,
+            return new_state.replace(guide=guided.guide,
                                      phase_log=dict(new_state.phase_log,
                                                     guide=guided.phase_log["guide"]))
 
@@ -343,72 +396,67 @@ def make_update(config):
         else:
             state = distill_update(state)
         log = state.phase_log
-        metrics = common.phase_metrics(log, reported)
+        out = common.phase_metrics(log, reported)
         loss = log["gen"]["gen_loss"] + log["guide"]["guide_loss"]
-        metrics["loss"] = jnp.where(in_tsm, log["tsm"]["tsm_loss"], loss)
-        metrics["gen_updated"] = (in_tsm | is_gen_step).astype(jnp.float32)
-        return state.replace(step=state.step + 1), metrics
+        out["loss"] = jnp.where(in_tsm, log["tsm"]["tsm_loss"], loss)
+        out["gen_updated"] = (in_tsm | is_gen_step).astype(jnp.float32)
+        return state.replace(step=state.step + 1), out
 
     return update
 
 
 def train_step(config):
-    """step(state, teacher, batch, rng) -> (state, metrics): one DMD2 (TTUR) step."""
-    update = make_update(config)
+    """step(state, teacher, batch, rng, frozen=None) -> (state, metrics): one DMD2 (TTUR) step."""
+    update = ttur_update(config)
     label_dim = config.model.label_dim
 
-    def step(state: DMD2State, teacher, batch, rng):
+    def step(state: DMD2State, teacher, batch, rng, frozen=None):
         key = jax.random.fold_in(rng, state.step)
-        k_labels, k_update = jax.random.split(key)
-        gen_labels = common.random_labels(k_labels, batch["x"].shape[0], label_dim)
-        return update(state, teacher, batch, k_update, gen_labels, None)
+        gen_labels = objectives.draw_labels(objectives.stream(key, "gen_labels"),
+                                            batch["x"].shape[0], label_dim)
+        return update(state, teacher, batch, objectives.stream(key, "update"), gen_labels, None,
+                      frozen)
 
     return step
 
 
-def generate_steps(denoiser, variables, noise, labels, sigmas, key):
-    """K-step generator sampling: x0 = G(x, sigma_i), then re-noise to sigma_{i+1}; returns the
-    last x0 (one step: G(80 z))."""
-    x = noise * sigmas[0]
-    keys = jax.random.split(key, sigmas.shape[0])
-    for i in range(sigmas.shape[0]):
-        x0 = denoiser(variables, x, jnp.full((x.shape[0],), sigmas[i]), labels)
-        if i + 1 < sigmas.shape[0]:
-            x = x0 + sigmas[i + 1] * jax.random.normal(keys[i], x.shape)
-    return x0
-
-
-def sample(config, state: DMD2State, rng: jax.Array, n: int, labels=None):
-    """n samples of the generator with config.sample.num_steps steps; returns (samples, labels)."""
+def sample(config, state: DMD2State, rng: jax.Array, n: int, *, labels=None, num_steps=None,
+           weights=None):
+    """n samples of the K-step generator (K = num_steps, default config.sample.num_steps):
+    x0 = G(x, sigma_i), re-noised to sigma_{i+1} (the 'multistep' sampler on
+    `generator_sigmas(K)`); `weights` 'online' (the only ones DMD2 keeps). Returns (samples,
+    labels)."""
     denoiser = common.build_denoiser(config)
-    k_labels, k_noise, k_steps = jax.random.split(rng, 3)
-    if labels is None:
-        labels = common.random_labels(k_labels, n, config.model.label_dim)
-    noise = jax.random.normal(k_noise, (n,) + tuple(config.model.shape))
-    x = generate_steps(denoiser, {"params": state.params, **state.consts}, noise,
-                       common.one_hot(labels, config.model.label_dim),
-                       generator_sigmas(config.sample.num_steps), k_steps)
-    return x, labels
+    variables = state.generator.variables(state.generator.weights(weights or trainable.ONLINE))
+    return common.sample_with(config, functools.partial(denoiser, variables), rng, n,
+                              labels=labels, sampler="multistep",
+                              sigmas=generator_sigmas(num_steps or config.sample.num_steps))
 
 
-def extra_batches(config, teacher, workdir: str, *, batch_size: int, seed: int, start_step: int,
-                  process_index: int, process_count: int):
-    """DMD's paired (noise, teacher output) batches when regression_weight > 0, else None.
+PAIR_CHUNK = 1024  # pairs per stored chunk
 
-    The pairs are made once by a teacher Heun run and stored under regression_pairs_dir
-    (default <workdir>/regression_pairs); an interrupted build resumes where it stopped.
-    """
+
+def extra_data(config):
+    """DMD's paired (noise, teacher ODE output) data when regression_weight > 0, else None: made
+    once by a teacher Heun run (teacher.ode_pairs) into regression_pairs_dir (default
+    <workdir>/regression_pairs); an interrupted build resumes where it stopped."""
     mc = config.method
     if mc.regression_weight <= 0:
         return None
-    from jaxdistill.data import pairs
+    shape, label_dim, num_steps = tuple(config.model.shape), config.model.label_dim, \
+        mc.regression_heun_steps
 
-    directory = mc.regression_pairs_dir or os.path.join(workdir, "regression_pairs")
-    pairs.build(config, teacher, directory, num_pairs=mc.regression_pairs,
-                num_steps=mc.regression_heun_steps, seed=config.seed,
-                write=process_index == 0)
-    return pairs.batches(directory, batch_size=batch_size, seed=seed, start_step=start_step,
-                         process_index=process_index, process_count=process_count)
+    def make_chunk(teacher, key):
+        z, y, labels = teacher_lib.ode_pairs(teacher, key, PAIR_CHUNK, shape, label_dim,
+                                             num_steps)
+        return {"z": z, "y": y,
+                "label": jnp.zeros(PAIR_CHUNK, jnp.int32) if labels is None else labels}
+
+    return DataStream(name="regression_pairs", directory=mc.regression_pairs_dir,
+                      spec={"what": "teacher Heun ODE pairs", "num_steps": num_steps,
+                            "shape": list(shape), "label_dim": label_dim},
+                      num_items=mc.regression_pairs, chunk_size=PAIR_CHUNK, make_chunk=make_chunk,
+                      batch_keys={"z": "pair_noise", "y": "pair_target", "label": "pair_label"})
 
 
 def validate(config) -> None:
@@ -426,4 +474,5 @@ def validate(config) -> None:
 
 # The (K-step) generator is the only sampler of a DMD2 student.
 METHOD = Method(name="dmd2", init=init, train_step=train_step, sample=sample,
-                samplers=("generator",), validate=validate, extra_batches=extra_batches)
+                samplers=("generator",), metrics=metrics, validate=validate,
+                extra_data=extra_data, frozen_weights=frozen_weights)

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdistill.methods import common, dmd2
+from jaxdistill import objectives
+from jaxdistill.methods import dmd2
 from jaxdistill.methods.dmd2 import DMD2State
 from jaxdistill.methods.protocol import Method
 
@@ -64,8 +65,7 @@ def routing(config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _axes(mapped):
     """vmap axes for a DMD2State: the step is shared, every other field is stacked."""
-    return DMD2State(step=None, params=mapped, consts=mapped, guide_params=mapped,
-                     opt_state=mapped, guide_opt_state=mapped, phase_log=mapped)
+    return DMD2State(step=None, generator=mapped, guide=mapped, phase_log=mapped)
 
 
 def init(config, rng: jax.Array, teacher=None) -> DMD2State:
@@ -75,8 +75,8 @@ def init(config, rng: jax.Array, teacher=None) -> DMD2State:
 
 
 def train_step(config):
-    """step(state, teacher, batch, rng) -> (state, metrics averaged over students)."""
-    update = dmd2.make_update(config)
+    """step(state, teacher, batch, rng, frozen=None) -> (state, metrics averaged over students)."""
+    update = dmd2.ttur_update(config)
     owner, table, sizes = (jnp.asarray(a) for a in routing(config))
     num_students = config.method.num_students
     per_student = config.train.batch_size // num_students
@@ -84,17 +84,18 @@ def train_step(config):
         raise ValueError(f"config.train.batch_size={config.train.batch_size} must be at least "
                          f"config.method.num_students={num_students}")
 
-    def one_student(state, teacher, batch, key, k):
-        k_labels, k_update = jax.random.split(key)
-        labels = table[k][jax.random.randint(k_labels, (per_student,), 0, sizes[k])]
+    def one_student(state, teacher, batch, key, k, frozen):
+        picks = jax.random.randint(objectives.stream(key, "gen_labels"), (per_student,), 0,
+                                   sizes[k])
         real_weight = (owner[batch["label"]] == k).astype(jnp.float32)
-        return update(state, teacher, batch, k_update, labels, real_weight)
+        return update(state, teacher, batch, objectives.stream(key, "update"), table[k][picks],
+                      real_weight, frozen)
 
-    def step(state: DMD2State, teacher, batch, rng):
+    def step(state: DMD2State, teacher, batch, rng, frozen=None):
         keys = jax.random.split(jax.random.fold_in(rng, state.step), num_students)
-        state, metrics = jax.vmap(one_student, in_axes=(_axes(0), None, None, 0, 0),
+        state, metrics = jax.vmap(one_student, in_axes=(_axes(0), None, None, 0, 0, None),
                                   out_axes=(_axes(0), 0))(state, teacher, batch, keys,
-                                                         jnp.arange(num_students))
+                                                         jnp.arange(num_students), frozen)
         return state, jax.tree.map(jnp.mean, metrics)
 
     return step
@@ -106,26 +107,23 @@ def route(config, labels: jax.Array) -> jax.Array:
     return jnp.asarray(owner)[labels]
 
 
-def sample(config, state: DMD2State, rng: jax.Array, n: int, labels=None):
+def sample(config, state: DMD2State, rng: jax.Array, n: int, *, labels=None, num_steps=None,
+           weights=None):
     """n samples, each made by the student owning its label.
 
     Written for batched evaluation: every student runs on the whole batch and each example keeps
     its owner's output (K times the FLOPs of routing; a deployment runs each student on its own
     labels only, which is the same function per example).
     """
-    k_labels, k_sample = jax.random.split(rng)
     if labels is None:
-        labels = common.random_labels(k_labels, n, config.model.label_dim)
-    xs, _ = jax.vmap(lambda s: dmd2.sample(config, s, k_sample, n, labels),
+        labels = objectives.draw_labels(objectives.stream(rng, "labels"), n,
+                                        config.model.label_dim)
+    xs, _ = jax.vmap(lambda s: dmd2.sample(config, s, objectives.stream(rng, "students"), n,
+                                           labels=labels, num_steps=num_steps, weights=weights),
                      in_axes=(_axes(0),))(state)
     x = jnp.take_along_axis(xs, route(config, labels).reshape((1, n) + (1,) * (xs.ndim - 2)),
                             axis=0)[0]
     return x, labels
-
-
-def extra_batches(config, teacher, workdir, **kwargs):
-    """DMD's regression pairs (shared by all students, unfiltered), as for DMD2."""
-    return dmd2.extra_batches(config, teacher, workdir, **kwargs)
 
 
 def validate(config) -> None:
@@ -134,5 +132,7 @@ def validate(config) -> None:
     partition(config)
 
 
+# DMD's regression pairs, when used, are shared by all students unfiltered (as for DMD2).
 METHOD = Method(name="msd", init=init, train_step=train_step, sample=sample,
-                samplers=dmd2.METHOD.samplers, validate=validate, extra_batches=extra_batches)
+                samplers=dmd2.METHOD.samplers, metrics=dmd2.metrics, validate=validate,
+                extra_data=dmd2.extra_data, frozen_weights=dmd2.frozen_weights)

@@ -5,6 +5,10 @@ EDM preconditioning (c_skip, c_out, c_in, c_noise) is applied outside by
 `jaxdistill.networks.denoiser`, so one network class serves teachers, students and fake-score
 networks of every method.
 
+Every network class also declares `data_fields(shape, label_dim)` (the constructor fields the
+data fixes) and `output_kernel(params)` (its output layer's kernel in a params-shaped tree, whose
+gradient norm sets CTM's adaptive loss weights).
+
 Shared call signature (all networks):
     net.apply({'params': p}, x, noise_labels, class_labels=None, *, train=False,
               noise_labels_s=None, guidance=None, cond=None, augment_labels=None,

@@ -79,6 +79,11 @@ class DhariwalUNet(nn.Module):
                              f"by 2**(len(channel_mult)-1) = {2 ** (len(self.channel_mult) - 1)}")
         super().__post_init__()
 
+    @staticmethod
+    def output_kernel(params):
+        """The output layer's kernel in a params-shaped tree (CTM's adaptive weight layer)."""
+        return params["out_conv"]["kernel"]
+
     @property
     def emb_channels(self) -> int:
         return self.model_channels * self.channel_mult_emb

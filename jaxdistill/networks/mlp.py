@@ -27,6 +27,11 @@ class MLPDenoiser(nn.Module):
         """The constructor fields the data fixes (networks.check_data_fields)."""
         return {"dim": math.prod(shape), "label_dim": label_dim}
 
+    @staticmethod
+    def output_kernel(params):
+        """The output layer's kernel in a params-shaped tree (CTM's adaptive weight layer)."""
+        return params["output"]["kernel"]
+
     dim: int = 2
     hidden: int = 128
     depth: int = 3

@@ -89,6 +89,12 @@ class SongUNet(nn.Module):
                              f"2**(len(channel_mult)-1) = {2 ** (len(self.channel_mult) - 1)}")
         super().__post_init__()
 
+    def output_kernel(self, params):
+        """The output layer's kernel in a params-shaped tree (CTM's adaptive weight layer): the
+        full-resolution decoder's last convolution."""
+        res = self.img_resolution
+        return params[f"dec_{res}x{res}_aux_conv"]["kernel"]
+
     @property
     def noise_channels(self) -> int:
         return self.model_channels * self.channel_mult_noise
