@@ -211,13 +211,7 @@ def test_student_k_ignores_the_examples_of_other_students_classes(single_device)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backward_simulation", [
-    True,
-    pytest.param(False, marks=pytest.mark.xfail(
-        strict=True, reason="bug: with backward_simulation=False each MSD student's generator "
-        "input is the first batch_size/K real examples noised (dmd2's generator_input takes "
-        "x_real[:n_gen]) whatever their class, so student k trains on other students' classes")),
-])
+@pytest.mark.parametrize("backward_simulation", [True, False])
 def test_two_step_students_ignore_other_classes(backward_simulation):
     """The same property for 2-step generators (gen_steps=2): with backward simulation the
     generator's inputs are its own rollouts; without it they are real data noised to the k-th

@@ -309,23 +309,32 @@ def ttur_update(config):
                                          "tsm_grad_norm": gnorm})
 
         def generator_input(params):
-            """(x, sigma) the generator is trained at: pure noise, or after k of its own steps."""
+            """(x, sigma, one-hot labels) the generator is trained at: pure noise, or after k of
+            its own steps, or (no backward simulation) real data noised to the k-th sigma."""
             z = objectives.draw_noise(stream("gen_noise"), n_gen, config.model.shape)
             if mc.gen_steps == 1:
-                return z * gen_sigmas[0], jnp.full((n_gen,), gen_sigmas[0])
+                return z * gen_sigmas[0], jnp.full((n_gen,), gen_sigmas[0]), onehot_gen
             k = jax.random.randint(stream("gen_step"), (), 0, mc.gen_steps)
+            sigma = jnp.full((n_gen,), gen_sigmas[k])
             if mc.backward_simulation:
                 generate = lambda x, s: net(params)(x, s, onehot_gen)  # noqa: E731
                 x = backward_simulate(generate, z, gen_sigmas, k, stream("backward_simulation"))
+                return x, sigma, onehot_gen
+            # Real examples noised to the k-th sigma, generated under their own labels
+            # (sd_unified_model without backward simulation uses the real images' prompts); MSD
+            # draws them from the student's own classes (uniformly from the batch if it has none).
+            n_real = x_real.shape[0]
+            if real_weight is None:
+                idx = jnp.arange(n_gen) % n_real
             else:
-                # Real data of the batch noised to the k-th sigma (sd_unified_model without
-                # backward simulation).
-                x = objectives.add_noise(stream("gen_input_noise"), x_real[:n_gen],
-                                         gen_sigmas[k])
-            return x, jnp.full((n_gen,), gen_sigmas[k])
+                p = jnp.where(jnp.sum(real_weight) > 0, real_weight, jnp.ones_like(real_weight))
+                idx = jax.random.choice(stream("gen_input_examples"), n_real, (n_gen,),
+                                        p=p / jnp.sum(p))
+            x = objectives.add_noise(stream("gen_input_noise"), x_real[idx], sigma)
+            return x, sigma, objectives.one_hot(batch["label"][idx], label_dim)
 
-        x_in, sigma_in = generator_input(state.generator.params)
-        generate = lambda p: net(p)(x_in, sigma_in, onehot_gen)  # noqa: E731
+        x_in, sigma_in, onehot_in = generator_input(state.generator.params)
+        generate = lambda p: net(p)(x_in, sigma_in, onehot_in)  # noqa: E731
 
         def logits_fn(guide_params):
             return functools.partial(gan_logits, denoiser,
@@ -339,12 +348,12 @@ def ttur_update(config):
                 x = generate(p)
                 aux = {"dm_loss": distribution_matching_loss(
                     x, teacher, net(guide_params["fake"]), stream("dm"), table, min_step,
-                    max_step + 1, onehot_gen, guidance)}
+                    max_step + 1, onehot_in, guidance)}
                 total = aux["dm_loss"]
                 if gan:
                     aux["gen_gan_loss"] = gan_generator_loss(
                         logits_fn(guide_params), x, stream("gan_g"), table,
-                        mc.diffusion_gan_max_timestep, onehot_gen)
+                        mc.diffusion_gan_max_timestep, onehot_in)
                     total = total + mc.gen_gan_weight * aux["gen_gan_loss"]
                 if regression:
                     lpips_params = (frozen or {}).get("lpips")
@@ -366,11 +375,11 @@ def ttur_update(config):
 
             def loss_fn(gp):
                 aux = {"fake_loss": fake_score_loss(net(gp["fake"]), x, stream("fake"), table,
-                                                    onehot_gen, sigma_data)}
+                                                    onehot_in, sigma_data)}
                 total = aux["fake_loss"]
                 if gan:
                     aux["guide_gan_loss"] = gan_discriminator_loss(
-                        logits_fn(gp), x_real, onehot_real, x, onehot_gen, stream("gan_d"),
+                        logits_fn(gp), x_real, onehot_real, x, onehot_in, stream("gan_d"),
                         table, mc.diffusion_gan_max_timestep, real_weight)
                     total = total + mc.guidance_gan_weight * aux["guide_gan_loss"]
                 return total, aux
