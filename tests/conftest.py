@@ -19,3 +19,18 @@ import pathlib  # noqa: E402
 from jaxdistill.configs import get as load_config  # noqa: E402,F401
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_gmm_table():
+    """benchmarks/gmm_table.py as a module, imported once per process (it defines its absl flags
+    only when run as a script, so importing it beside run.py is safe)."""
+    import importlib.util
+    import sys
+
+    if "gmm_table" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gmm_table",
+                                                      ROOT / "benchmarks" / "gmm_table.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["gmm_table"] = module
+    return sys.modules["gmm_table"]

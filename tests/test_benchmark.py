@@ -101,18 +101,7 @@ def gmm_mix(means=MEANS3, stds=STDS3, weights=WEIGHTS3):
                                     jax.numpy.asarray(weights))
 
 
-def load_gmm_table():
-    """benchmarks/gmm_table.py as a module (imported once per process, as tests/test_mixture_file.py
-    does: it defines its flags only as a script)."""
-    import importlib.util
-
-    if "gmm_table" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("gmm_table",
-                                                      ROOT / "benchmarks" / "gmm_table.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["gmm_table"] = module
-    return sys.modules["gmm_table"]
+from conftest import load_gmm_table  # noqa: E402,F401
 
 
 def binomial_tol(p, n, z=4.0):

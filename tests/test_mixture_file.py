@@ -1,5 +1,4 @@
 """User-defined analytic mixtures: config.data.name='mixture' reads config.data.mixture_file."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -229,14 +228,7 @@ def test_a_changed_file_is_read_again(tmp_path):
 from jaxdistill.configs import get as load_config  # noqa: E402
 
 
-def load_gmm_table():
-    if "gmm_table" not in sys.modules:  # import once per process
-        spec = importlib.util.spec_from_file_location("gmm_table",
-                                                      ROOT / "benchmarks" / "gmm_table.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["gmm_table"] = module
-    return sys.modules["gmm_table"]
+from conftest import load_gmm_table  # noqa: E402,F401
 
 
 TINY = {"network.hidden": 32, "network.depth": 2, "network.embed": 16, "train.num_steps": 20,

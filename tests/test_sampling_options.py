@@ -196,3 +196,15 @@ def test_ctm_ema_index_out_of_range_is_a_config_error():
     with pytest.raises(ValueError, match=r"config\.sample\.ema_index=2"):
         train.validate(cfg)
     train.validate(ctm_config(ema_index=1))
+
+
+def test_ctm_gamma_sampling_refuses_guidance():
+    """Gamma-sampling has no CFG: a guidance scale with it fails at start, naming the field."""
+    from jaxdistill import train
+
+    cfg = ctm_config(ema_index=0)
+    cfg.sample.update(sampler="gamma", guidance_scale=2.0)
+    with pytest.raises(ValueError, match=r"config\.sample\.guidance_scale=2\.0: gamma-sampling"):
+        train.validate(cfg)
+    cfg.sample.sampler = "heun"  # a diffusion sampler of the student's own denoiser takes it
+    train.validate(cfg)

@@ -437,9 +437,14 @@ def sample(config, state: CTMState, rng: jax.Array, n: int, *, labels=None, num_
 
 
 def validate(config) -> None:
-    """CTM's own fields: GAN backbones, discriminator optimizer, the evaluation EMA index."""
+    """CTM's own fields: GAN backbones, discriminator optimizer, guidance with gamma-sampling,
+    the evaluation EMA index."""
     gan_backbone_names(config)
     make_disc_optimizer(config)
+    if config.sample.sampler == "gamma" and config.sample.guidance_scale != 1.0:
+        raise ValueError(f"config.sample.guidance_scale={config.sample.guidance_scale}: "
+                         "gamma-sampling has no classifier-free guidance; set it to 1.0 or use "
+                         "a diffusion sampler (config.sample.sampler=heun, euler, ...)")
     num = len(config.method.eval_emas)
     if num and not 0 <= config.sample.ema_index < num:
         raise ValueError(f"config.sample.ema_index={config.sample.ema_index} must index "
