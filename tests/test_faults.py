@@ -91,7 +91,7 @@ def test_values_that_differ_from_the_digest_fall_back(trained, tmp_path):
     workdir = copy_run(trained, tmp_path)
     path = os.path.join(workdir, "checkpoints", "40", "meta", "metadata")
     meta = json.load(open(path))
-    meta["digest"]["params/block0_dense/kernel"][0] += 1
+    meta["digest"]["net/params/block0_dense/kernel"][0] += 1
     json.dump(meta, open(path, "w"))
     _, restored = train.load_state(tiny_config(40), workdir)
     assert restored["step"] == 20
