@@ -162,7 +162,7 @@ def extra_batches(config, teacher, workdir: str, **stream):
     chunk_store.build(directory, dict(decl.spec, seed=config.seed), num_items=decl.num_items,
                       chunk_size=decl.chunk_size,
                       make_chunk=lambda i: make(teacher, jax.random.fold_in(seed_key, i)),
-                      write=jax.process_index() == 0)
+                      write=jax.process_index() == 0, field=decl.directory_field)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

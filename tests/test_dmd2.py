@@ -207,7 +207,8 @@ def test_regression_pairs_are_teacher_heun_outputs_and_resume(tmp_path):
     train.extra_batches(cfg, mix, str(tmp_path), **stream)
     np.testing.assert_array_equal(np.load(f"{directory}/chunk_00001.npz")["y"], first)
     cfg.method.regression_heun_steps = 18
-    with pytest.raises(ValueError, match="holds data made with"):
+    with pytest.raises(ValueError, match="holds data made with.*set "
+                       "config.method.regression_pairs_dir to a new directory"):
         train.extra_batches(cfg, mix, str(tmp_path), **stream)
     b = next(it)
     assert b["pair_noise"].shape == (32, 2) and b["pair_label"].shape == (32,)

@@ -24,10 +24,12 @@ def _chunk_path(directory: str, i: int) -> str:
 
 
 def build(directory: str, spec: dict, *, num_items: int, chunk_size: int,
-          make_chunk: Callable[[int], dict], write: bool = True) -> None:
+          make_chunk: Callable[[int], dict], write: bool = True,
+          field: str = "the store's directory") -> None:
     """Makes the missing chunks of `num_items` items in `directory` with `make_chunk(i)` ->
     {name: array (chunk_size, ...)}. `spec` (JSON-able) records what makes them: a directory made
-    with another spec is refused. All processes compute; only `write` ones write."""
+    with another spec is refused, naming `field` (the config field of the directory). All
+    processes compute; only `write` ones write."""
     os.makedirs(directory, exist_ok=True)
     spec = dict(spec, num_items=num_items, chunk_size=chunk_size)
     spec_path = os.path.join(directory, "spec.json")
@@ -35,8 +37,8 @@ def build(directory: str, spec: dict, *, num_items: int, chunk_size: int,
         with open(spec_path) as f:
             saved = json.load(f)
         if saved != spec:
-            raise ValueError(f"{directory} holds data made with {saved}, not {spec}: point the "
-                             "stream's directory field at a new directory")
+            raise ValueError(f"{directory} holds data made with {saved}, not {spec}: set "
+                             f"{field} to a new directory")
     elif write:
         with open(spec_path, "w") as f:
             json.dump(spec, f)

@@ -462,6 +462,7 @@ def extra_data(config):
                 "label": jnp.zeros(PAIR_CHUNK, jnp.int32) if labels is None else labels}
 
     return DataStream(name="regression_pairs", directory=mc.regression_pairs_dir,
+                      directory_field="config.method.regression_pairs_dir",
                       spec={"what": "teacher Heun ODE pairs", "num_steps": num_steps,
                             "shape": list(shape), "label_dim": label_dim},
                       num_items=mc.regression_pairs, chunk_size=PAIR_CHUNK, make_chunk=make_chunk,

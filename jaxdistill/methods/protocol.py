@@ -21,6 +21,7 @@ class DataStream:
     then merged into every batch."""
     name: str              # the store's directory under the workdir when `directory` is ""
     directory: str         # a shared location (e.g. pairs made once for many runs), or ""
+    directory_field: str   # the config field `directory` comes from (named in errors)
     spec: dict             # JSON-able: what makes the data (a store made otherwise is refused)
     num_items: int
     chunk_size: int
