@@ -8,8 +8,6 @@ warm-up, EMA by half-life in images, NaN/Inf gradients sanitised, class labels w
 """
 from __future__ import annotations
 
-from typing import Any
-
 import flax
 import jax
 import jax.numpy as jnp
