@@ -142,14 +142,21 @@ def _normalise(net: dict) -> dict:
             if k not in ("dropout", "remat", "label_dropout")}
 
 
-def ode_pairs(teacher: Teacher, key: jax.Array, n: int, shape, label_dim: int, num_steps: int):
-    """n (noise z, teacher ODE output y, labels) pairs: EDM's deterministic Heun sampler (churn 0)
-    with `num_steps` steps from z * sigma_max, as DMD builds its regression pairs (arXiv
-    2311.18828, Appendix B: 256 steps on ImageNet-64, 18 on CIFAR-10). Labels are uniform
-    (None when unconditional). Jit it; a fixed key gives the same pairs."""
+def sample(teacher: Teacher, key: jax.Array, n: int, shape, label_dim: int, sampler: str,
+           num_steps: int):
+    """(noise z, samples, labels): n samples of the teacher's own `sampler` on EDM's Karras grid of
+    `num_steps` steps from z * sigma_max, with uniform labels (None when unconditional). Jit it;
+    a fixed key gives the same samples."""
     labels = objectives.draw_labels(objectives.stream(key, "labels"), n, label_dim)
     onehot = objectives.one_hot(labels, label_dim)
     z = objectives.draw_noise(objectives.stream(key, "noise"), n, shape)
-    y = samplers.sample("heun", lambda x, s: teacher(x, s, onehot), z,
-                        diffusion.karras_sigmas(num_steps), key)
-    return z, y, labels
+    x = samplers.sample(sampler, lambda x, s: teacher(x, s, onehot), z,
+                        diffusion.karras_sigmas(num_steps), objectives.stream(key, "sampler"))
+    return z, x, labels
+
+
+def ode_pairs(teacher: Teacher, key: jax.Array, n: int, shape, label_dim: int, num_steps: int):
+    """n (noise z, teacher ODE output y, labels) pairs: EDM's deterministic Heun sampler (churn 0)
+    with `num_steps` steps, as DMD builds its regression pairs (arXiv 2311.18828, Appendix B: 256
+    steps on ImageNet-64, 18 on CIFAR-10)."""
+    return sample(teacher, key, n, shape, label_dim, "heun", num_steps)

@@ -22,7 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jaxdistill import diffusion, methods, objectives, parallel, samplers
+from jaxdistill import methods, parallel
+from jaxdistill import teacher as teacher_lib
 from jaxdistill.eval import sample_metrics
 
 _CACHE_SIZE = 64  # compiled samplers kept; the oldest unused one is dropped beyond that
@@ -91,14 +92,8 @@ def teacher_sampler(config, teacher, n: int, sampler: str, num_steps: int,
     label_dim, shape = config.model.label_dim, tuple(config.model.shape)
 
     def make():
-        sigmas = diffusion.karras_sigmas(num_steps)
-
         def sample_teacher(tch, key):
-            labels = objectives.draw_labels(objectives.stream(key, "labels"), n, label_dim)
-            onehot = objectives.one_hot(labels, label_dim)
-            noise = objectives.draw_noise(objectives.stream(key, "noise"), n, shape)
-            return samplers.sample(sampler, lambda x, s: tch(x, s, onehot), noise, sigmas,
-                                   objectives.stream(key, "sampler"))
+            return teacher_lib.sample(tch, key, n, shape, label_dim, sampler, num_steps)[1]
 
         return jax.jit(sample_teacher, out_shardings=out_sharding)
 
